@@ -1,0 +1,153 @@
+"""Switch a transformers model to LSSA/LSSAR and back: ``patch``, ``unpatch``, ``from_pretrained``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from transformers import PreTrainedModel
+
+from .settings import CONFIG_KEY, LSSAConfig
+
+logger = logging.getLogger(__name__)
+
+from .functional import VARIANTS
+_ORIGINAL = "_lssa_original_attn_implementation"  # model attribute set by patch()
+
+
+def base_model(model) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"lssa_hf works on transformers PreTrainedModel instances, got {type(model).__name__}.")
+    return model
+
+
+def unsupported_parts(model: PreTrainedModel) -> list[str]:
+    """Classes inside ``model`` that compute attention without the AttentionInterface."""
+    bad = []
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            cls = type(module)
+            if not (cls._supports_attention_backend and cls._can_set_attn_implementation()):
+                bad.append(cls.__name__)
+    return sorted(set(bad))
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    bad = unsupported_parts(model)
+    if bad:
+        raise NotImplementedError(
+            f"{', '.join(bad)} computes attention in its own code, not through transformers' AttentionInterface, "
+            "so LSSA cannot replace its softmax. Use an architecture that routes attention through the "
+            "interface (Llama, Mistral, Qwen2/3, Gemma, Phi3, GPT-2, GPT-NeoX, ...; `lssa-hf info` lists them)."
+        )
+
+
+def all_configs(config):
+    """A config and its sub-configs, depth first."""
+    yield config
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            yield from all_configs(sub)
+
+
+def _own_config(model: PreTrainedModel) -> None:
+    """Give ``model`` a private copy of its config so patching never reaches another model."""
+    old, new = model.config, copy.deepcopy(model.config)
+    mapping = {id(a): b for a, b in zip(all_configs(old), all_configs(new))}
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in mapping:
+            module.config = mapping[id(config)]
+
+
+def _set_settings(model: PreTrainedModel, settings: LSSAConfig | None) -> None:
+    for config in all_configs(model.config):
+        if settings is None:
+            config.__dict__.pop(CONFIG_KEY, None)
+        else:
+            setattr(config, CONFIG_KEY, settings.to_dict())
+    # Saved into config.json, so loading the checkpoint (with lssa_hf imported) selects LSSA again;
+    # without lssa_hf, transformers refuses the unknown implementation instead of using softmax.
+    if settings is None:
+        model.config.__dict__.pop("attn_implementation", None)
+    else:
+        model.config.attn_implementation = settings.variant
+
+
+def _warn_ignored(model: PreTrainedModel) -> None:
+    for config in all_configs(model.config):
+        if getattr(config, "attn_logit_softcapping", None):
+            logger.warning("attn_logit_softcapping=%s is not applied under LSSA: its scores are bounded cosines "
+                           "scaled by log(d)*log(N).", config.attn_logit_softcapping)
+            return
+
+
+def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto"):
+    """Make ``model`` (a transformers model, or a peft model around one) use LSSA or LSSAR attention.
+
+    The settings are stored on the model's own config (a private copy: other models built from the
+    same config object are untouched) and saved by ``save_pretrained``. Returns the same model.
+    """
+    settings = LSSAConfig(variant=variant, p=p, backend=backend)
+    model_ = base_model(model)
+    check_supported(model_)
+    if not hasattr(model_, _ORIGINAL):
+        original = model_.config._attn_implementation
+        if original in VARIANTS:  # loaded as LSSA: "original" is transformers' default
+            original = model_.get_correct_attn_implementation(None)
+        setattr(model_, _ORIGINAL, original)
+        _own_config(model_)
+    _warn_ignored(model_)
+    _set_settings(model_, settings)
+    model_.set_attn_implementation(settings.variant)
+    return model
+
+
+def unpatch(model):
+    """Restore the attention implementation ``model`` had before ``patch``. Returns the same model."""
+    model_ = base_model(model)
+    original = model_.__dict__.pop(_ORIGINAL, None)
+    if original is None:
+        if not is_patched(model_):
+            raise ValueError("This model does not use LSSA; there is nothing to unpatch.")
+        original = model_.get_correct_attn_implementation(None)  # loaded as LSSA: transformers' default
+    _set_settings(model_, None)
+    model_.set_attn_implementation(original)
+    return model
+
+
+def is_patched(model) -> bool:
+    """True when the model's attention runs through an LSSA backend."""
+    return base_model(model).config._attn_implementation in VARIANTS
+
+
+def settings_of(model) -> LSSAConfig | None:
+    """The LSSA settings in force for ``model`` (None if it uses another attention)."""
+    model_ = base_model(model)
+    if not is_patched(model_):
+        return None
+    stored = LSSAConfig.of(model_.config)
+    variant = model_.config._attn_implementation
+    return LSSAConfig(variant=variant, p=stored.p if stored else 15.0, backend=stored.backend if stored else "auto")
+
+
+def from_pretrained(name_or_path: str, variant: str | None = None, p: float | None = None,
+                    backend: str | None = None, model_class=None, **kwargs):
+    """Load a checkpoint (hub name or folder) with LSSA attention.
+
+    An LSSA checkpoint saved by ``save_pretrained`` keeps its settings; arguments given here override
+    them. A softmax checkpoint is patched with ``variant`` (default "lssar") and ``p`` (default 15).
+    """
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    if "attn_implementation" in kwargs:
+        raise TypeError("lssa_hf.from_pretrained sets the attention itself: pass variant='lssa'|'lssar' instead "
+                        "of attn_implementation.")
+    model = model_class.from_pretrained(name_or_path, **kwargs)
+    stored = LSSAConfig.of(model.config) or LSSAConfig()
+    return patch(model, variant=variant or stored.variant, p=stored.p if p is None else p,
+                 backend=backend or stored.backend)
