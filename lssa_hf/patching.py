@@ -36,6 +36,11 @@ def unsupported_parts(model: PreTrainedModel) -> list[str]:
 
 
 def check_supported(model: PreTrainedModel) -> None:
+    if any("sinks" in m._parameters for m in model.modules()):
+        raise NotImplementedError(
+            f"{type(model).__name__} uses attention sinks (a learned logit in the softmax denominator), which "
+            "LSSA's softplus normalisation does not have; this model cannot use LSSA."
+        )
     bad = unsupported_parts(model)
     if bad:
         raise NotImplementedError(

