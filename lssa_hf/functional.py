@@ -73,7 +73,7 @@ def softplus_scores(query, key, mask, dtype):
     k = unit(key.to(dtype), eps)
     cos = (q.reshape(b, hkv, (hq // hkv) * lq, d) @ k.transpose(-1, -2)).view(b, hq, lq, lk)
     visible = mask.expand(b, hq, lq, lk)
-    n = visible.sum(-1, keepdim=True).to(dtype)
+    n = mask.sum(-1, keepdim=True).to(dtype).expand(b, hq, lq, 1)  # count once, not per head
     sp = torch.where(visible, F.softplus(length_scale(n, d) * cos), 0.0)
     return sp, n, visible
 

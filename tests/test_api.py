@@ -199,3 +199,14 @@ def test_no_mask_forward_is_causal_and_respects_is_causal_and_windows():
     window, _ = lssa_attention_forward(module, q, k, v, None, sliding_window=2)
     band = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-2)
     torch.testing.assert_close(window, lssa_attention_forward(module, q, k, v, band[None, None])[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_compute_attention_in_float32(dtype):
+    model = lssa_hf.patch(tiny_model("llama"), variant="lssar")
+    x = ids()
+    want = model(x).logits
+    got = model.to(dtype)(x).logits
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

@@ -38,7 +38,7 @@ def reference_model_logits(model, ids, pad_mask, position_ids, variant, p):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("variant,p", [("lssa", 15.0), ("lssar", 15.0), ("lssar", 3.0)])
 def test_patched_model_equals_reference_under_left_padding(arch, variant, p):
     model = tiny_model(arch).double()

@@ -1,7 +1,7 @@
 """Tiny random models built from configs (no downloads), one per supported architecture."""
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig,
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
                           MistralConfig, MixtralConfig, Phi3Config, Qwen2Config)
 
 VOCAB = 97
@@ -15,6 +15,8 @@ CONFIGS = {
     "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=6, max_window_layers=1,
                                  layer_types=["sliding_attention", "full_attention"]),
     "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=5, query_pre_attn_scalar=8),
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                                       layer_types=["sliding_attention", "full_attention"]),
     "phi3": lambda: Phi3Config(**COMMON, sliding_window=6),
     "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     "gpt_neox": lambda: GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
