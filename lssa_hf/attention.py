@@ -2,6 +2,22 @@
 
 ``lssa_attention`` picks the backend; every backend computes the same function (the definition
 lives in ``functional.py``) and is tested against the same float64 reference.
+
+Backends (force one with ``backend=`` or the environment variable ``LSSA_BACKEND``):
+
+* ``materialized``: full (B, H, Lq, Lk) weights. Small inputs, ``return_weights=True``, dropout.
+* ``blocked``: exact query-strip kernel with recompute in backward (``kernels/blocked.py``); memory
+  linear in L on every device. Dropout is not implemented there: ``dropout_p > 0`` always runs
+  ``materialized``, which is only affordable for short sequences.
+* ``blocked_compiled``: the same kernel with its per-strip elementwise chains fused by
+  torch.compile (``kernels/compiled.py``); falls back to ``blocked`` maths if inductor cannot build.
+  ``LSSA_COMPILE=0`` disables compilation everywhere.
+* ``flex``: ``torch.nn.attention.flex_attention`` (``kernels/flex.py``); used where it is valid
+  (see ``flex.supports``), otherwise the call runs ``blocked`` instead.
+
+``auto`` (default): materialized up to ``MATERIALIZE_MAX_ELEMENTS`` score elements (B*Hq*Lq*Lk)
+or when weights/dropout are requested; above, on CUDA flex where valid else blocked; on CPU
+blocked_compiled (flex was measured slower on CPU), or blocked when compilation is disabled.
 """
 
 from __future__ import annotations
@@ -11,14 +27,31 @@ import os
 import torch
 
 from .functional import DEFAULT_P, check_settings, check_shapes, materialized_attention
+from .kernels import blocked, compiled, flex
 
-BACKENDS = ("auto", "materialized")
+BACKENDS = ("auto", "materialized", "blocked", "blocked_compiled", "flex")
 BACKEND_ENV = "LSSA_BACKEND"  # force a backend for every call, e.g. LSSA_BACKEND=materialized
 
+# Score elements (B*Hq*Lq*Lk) up to which the materialised path is used: below this it is as
+# fast as the kernels on CPU and its (B, H, Lq, Lk) temporaries stay small (8 MiB per fp32 copy).
+MATERIALIZE_MAX_ELEMENTS = 1 << 21
 
-def choose_backend(query: torch.Tensor, key: torch.Tensor, *, needs_weights: bool, dropout_p: float) -> str:
+
+def choose_backend(query: torch.Tensor, key: torch.Tensor, *, needs_weights: bool, dropout_p: float,
+                   variant: str = "lssa", grad: bool | None = None, mask=None, p: float = DEFAULT_P) -> str:
     """Pick the fastest exact backend for these inputs."""
-    return "materialized"
+    if needs_weights or dropout_p > 0.0:
+        return "materialized"
+    b, hq, lq, _ = query.shape
+    if b * hq * lq * key.shape[-2] <= MATERIALIZE_MAX_ELEMENTS:
+        return "materialized"
+    if grad is None:
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    if query.device.type == "cuda" and flex.supports(query, key, mask, variant=variant, p=p, grad=grad):
+        return "flex"
+    if query.device.type == "cpu" and compiled.enabled():
+        return "blocked_compiled"
+    return "blocked"
 
 
 def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
@@ -36,7 +69,18 @@ def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: fl
         raise ValueError(f"Unknown LSSA backend {backend!r}: use one of {BACKENDS}.")
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be boolean (True = visible), got {mask.dtype}.")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if backend == "auto":
-        backend = choose_backend(query, key, needs_weights=return_weights, dropout_p=dropout_p)
-    return materialized_attention(query, key, value, mask, variant=variant, p=p,
-                                  dropout_p=dropout_p, return_weights=return_weights)
+        backend = choose_backend(query, key, needs_weights=return_weights, dropout_p=dropout_p,
+                                 variant=variant, grad=grad, mask=mask, p=p)
+    elif backend != "materialized" and (return_weights or dropout_p > 0.0):
+        backend = "materialized"  # only the materialised path has weights and dropout
+    if backend == "flex" and not flex.supports(query, key, mask, variant=variant, p=p, grad=grad):
+        backend = "blocked_compiled" if query.device.type == "cpu" and compiled.enabled() else "blocked"
+    if backend == "materialized":
+        return materialized_attention(query, key, value, mask, variant=variant, p=p,
+                                      dropout_p=dropout_p, return_weights=return_weights)
+    if backend == "flex":
+        return flex.flex_lssa(query, key, value, mask, variant=variant, p=p), None
+    ops = compiled.compiled_ops() if backend == "blocked_compiled" else None
+    return blocked.blocked_attention(query, key, value, mask, variant=variant, p=p, ops=ops), None

@@ -48,6 +48,12 @@ def unit(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps * eps)
 
 
+def unit_qk(query: torch.Tensor, key: torch.Tensor, dtype: torch.dtype):
+    """Unit-norm query and key in the compute ``dtype``, with the input dtype's epsilon."""
+    eps = norm_eps(query.dtype)
+    return unit(query.to(dtype), eps), unit(key.to(dtype), eps)
+
+
 def causal_mask(q_len: int, k_len: int, device=None, window: int | None = None) -> torch.Tensor:
     """(Lq, Lk) bool: query i sees keys j <= Lk - Lq + i (queries aligned to the last keys),
     and with a sliding ``window`` only the last ``window`` of those (transformers' convention)."""
@@ -68,9 +74,7 @@ def softplus_scores(query, key, mask, dtype):
     """Softplus scores (zero where masked) and N_i, both as (B, Hq, Lq, Lk)/(B, Hq, Lq, 1)."""
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
-    eps = norm_eps(query.dtype)
-    q = unit(query.to(dtype), eps)
-    k = unit(key.to(dtype), eps)
+    q, k = unit_qk(query, key, dtype)
     cos = (q.reshape(b, hkv, (hq // hkv) * lq, d) @ k.transpose(-1, -2)).view(b, hq, lq, lk)
     visible = mask.expand(b, hq, lq, lk)
     n = mask.sum(-1, keepdim=True).to(dtype).expand(b, hq, lq, 1)  # count once, not per head

