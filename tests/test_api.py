@@ -210,3 +210,21 @@ def test_half_precision_models_compute_attention_in_float32(dtype):
     got = model.to(dtype)(x).logits
     assert got.dtype == dtype and torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_mask_function_materialises_every_mask_but_plain_causal():
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    from lssa_hf.integrations.hf_attention import lssa_mask
+
+    plain = dict(batch_size=2, q_length=6, kv_length=6, allow_is_causal_skip=True)
+    assert lssa_mask(**plain) is None  # rebuilt exactly by the backend
+    padded = lssa_mask(**plain, attention_mask=torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]).bool())
+    assert padded.shape == (2, 1, 6, 6) and not padded[1, 0, :, :2].any()
+    decode = lssa_mask(batch_size=1, q_length=1, kv_length=9, q_offset=8, allow_is_causal_skip=True)
+    assert decode is not None and decode.all()
+    static_prefill = lssa_mask(batch_size=1, q_length=4, kv_length=16, allow_is_causal_skip=True)
+    assert static_prefill[0, 0, -1].sum() == 4
+    window = lssa_mask(**plain, mask_function=sliding_window_causal_mask_function(3), local_size=3)
+    assert window is not None and window[0, 0, -1].sum() == 3
+    assert lssa_mask(**{**plain, "allow_is_causal_skip": False}) is not None  # packed sequences

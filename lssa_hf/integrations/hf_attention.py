@@ -22,9 +22,17 @@ _REFUSED = {
 }
 
 
-def lssa_mask(*args, **kwargs) -> torch.Tensor:
-    """sdpa's boolean mask, never skipped: (B, 1, Lq, Lk), True = visible."""
-    kwargs["allow_is_causal_skip"] = False
+def lssa_mask(*args, **kwargs) -> torch.Tensor | None:
+    """sdpa's boolean mask (B, 1, Lq, Lk), True = visible, materialised in every case but one.
+
+    The stock sdpa mask is None whenever sdpa's ``is_causal`` would do, including decoding steps
+    and static-cache prefill, where LSSA could not tell N_i. Here None is only returned for a
+    plain causal mask over exactly the query tokens (Lq == Lk, no padding, packing or window):
+    the backend rebuilds that one exactly and the kernels skip its upper triangle.
+    """
+    q_len = kwargs.get("q_length", args[1] if len(args) > 1 else None)
+    kv_len = kwargs.get("kv_length", args[2] if len(args) > 2 else None)
+    kwargs["allow_is_causal_skip"] = bool(kwargs.get("allow_is_causal_skip", False)) and q_len == kv_len
     kwargs["allow_is_bidirectional_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
