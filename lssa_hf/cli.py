@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["info", "compare"]
+COMMANDS = ["info", "compare", "eval", "extrapolate", "finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:
