@@ -50,6 +50,17 @@ def read_text(source: str | None = None, split: str = "test", text_field: str = 
     return "\n".join(rows[text_field])
 
 
+def line_chunks(text: str, size: int = 1 << 20):
+    """Pieces of about ``size`` characters cut after a newline: fast tokenizers are slow on one huge
+    string, and cutting at line ends keeps the tokenisation of every line intact."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size)
+        end = len(text) if end == -1 else end + 1
+        yield text[start:end]
+        start = end
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """All token ids of ``text`` as one 1-D tensor (no special tokens)."""
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)

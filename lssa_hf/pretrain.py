@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import read_text
+from .data import line_chunks, read_text
 
 ATTENTIONS = ("softmax", "lssa", "lssar")
 EOS = "<|endoftext|>"
@@ -114,24 +114,14 @@ def build_tokenizer(spec: str, text: str):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=int(spec[4:]), special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_chunks(text), trainer=trainer)
+    tok.train_from_iterator(line_chunks(text), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
-
-
-def _chunks(text: str, size: int = 1 << 20):
-    """~1 MB pieces cut at line ends: fast tokenizers are slow on one huge string."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end == -1 else end + 1
-        yield text[start:end]
-        start = end
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:
     """All token ids of ``text`` as one int32 stream (no special tokens added)."""
     pieces = [torch.tensor(tokenizer(piece, add_special_tokens=False)["input_ids"], dtype=torch.int32)
-              for piece in _chunks(text)]
+              for piece in line_chunks(text)]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
 
 

@@ -1,0 +1,99 @@
+"""The settings of one adaptation run, read from YAML with command-line overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+ATTENTIONS = ("softmax", "lssa", "lssar")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA adaptation of a pretrained checkpoint to LSSA/LSSAR (or softmax, the fair baseline)."""
+
+    model: str = "smollm2"  # hub name, folder, .gguf file or "smollm2" (offline default)
+    attention: str = "lssar"  # the attention trained *and* evaluated: re-weighting must be seen in training
+    p: float = 15.0
+    output_dir: str = "runs/adapt/lssar"
+    seed: int = 0
+    dtype: str = "float32"  # weights as loaded; mixed precision is `precision`
+
+    # data: files, folders or dataset names ("name:config"); documents are packed into blocks
+    train_text: list = field(default_factory=list)  # [] = built-in text (Python docs)
+    eval_text: str | None = None  # None: hold out the last `validation_fraction` of the training blocks
+    train_split: str = "train"  # used when a source is a dataset name
+    eval_split: str = "validation"
+    text_field: str = "text"
+    block_size: int = 512
+    validation_fraction: float = 0.05
+    max_train_tokens: int | None = None
+    max_eval_blocks: int = 16
+
+    # LoRA; target_modules None = the architecture's attention projections (see lora.py)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list | None = None
+    train_norms: bool = True  # LSSA changes every layer's output statistics: let the norms follow
+    train_embeddings: bool = False
+
+    # attention-transfer warm start (LoLCATs-style): LoRA on q/k only, per-layer output MSE vs softmax
+    warm_start: bool = False
+    warm_start_steps: int = 50
+    warm_start_lr: float = 1e-3
+    warm_start_targets: list | None = None  # None = the architecture's q/k projections
+
+    # loop (transformers Trainer; `accelerate launch` for several processes)
+    max_steps: int = 300
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    lr: float = 5e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 where supported, else fp16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    eval_steps: int = 50
+    save_steps: int = 100
+    save_total_limit: int | None = 2
+    resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+    merge: bool = False  # also write output_dir/merged: a full checkpoint that loads as LSSA
+    progress: bool = True
+
+    def __post_init__(self):
+        for f in fields(self):  # YAML 1.1 reads "1e-3" as a string
+            if isinstance(f.default, float) and isinstance(getattr(self, f.name), str):
+                setattr(self, f.name, float(getattr(self, f.name)))
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"Unknown attention {self.attention!r}: use one of {ATTENTIONS}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {self.precision!r}: use one of {PRECISIONS}.")
+        if isinstance(self.train_text, str):
+            self.train_text = [self.train_text]
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError("validation_fraction must be in [0, 1).")
+        if self.eval_text is None and self.validation_fraction == 0:
+            raise ValueError("Give eval_text or a validation_fraction > 0: validation loss needs held-out text.")
+        if self.warm_start and self.attention == "softmax":
+            raise ValueError("The warm start matches LSSA layers to their softmax originals: it needs attention "
+                             "'lssa' or 'lssar', not 'softmax'.")
+        self.p = float(self.p)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, **overrides) -> "FinetuneConfig":
+        """The YAML file's settings (none if ``path`` is None) with non-None ``overrides`` on top."""
+        import yaml
+
+        values = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown settings {sorted(unknown)}; valid: {sorted(f.name for f in fields(cls))}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,158 @@
+"""The adaptation results table: perplexity by context length of a checkpoint with softmax, with
+LSSA/LSSAR swapped in, and LoRA-adapted, plus each row's training cost.
+
+Rows are declared in YAML; every trained row shares ``base`` (same data, steps, LoRA, seed). A row
+whose ``p`` is a list trains one model per value and reports the one with the lowest validation loss
+at the training length ("best p"). Every trained model and every measured cell is cached under
+``output_dir``, so an interrupted table resumes where it stopped and rows can be added later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..commands.compare import mean_loss
+from ..data import blocks, read_text, tokenize
+from ..models import load
+from ..patching import patch
+from .config import FinetuneConfig
+from .train import RESULT, finetune, load_adapted
+
+
+@dataclass
+class TableConfig:
+    output_dir: str = "runs/adapt/table"
+    base: dict = field(default_factory=dict)  # FinetuneConfig fields shared by every trained row
+    rows: list = field(default_factory=list)  # {name, attention, p, train, warm_start, ...FinetuneConfig overrides}
+    eval_text: dict = field(default_factory=dict)  # column label -> file/folder/dataset name
+    lengths: list = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
+    eval_tokens: int = 32768  # the same tokens at every length (at least one window each)
+    eval_skip: float = 0.1  # fraction of each eval text skipped first: a book opens with its contents list
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "TableConfig":
+        import yaml
+
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown table settings {sorted(unknown)} in {path}.")
+        return cls(**values)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def run_folder(table: TableConfig, extra: dict, p: float) -> Path:
+    """Where a trained model lives, named by what distinguishes it, so rows that need the same model
+    (e.g. "LSSAR p=15" and the p sweep of "best p") share one training run."""
+    name = f"{extra.get('attention', 'lssar')}" + (f"-p{p:g}" if extra.get("attention", "lssar") == "lssar" else "")
+    name += "-warm" if extra.get("warm_start") else ""
+    rest = {k: v for k, v in extra.items() if k not in ("attention", "warm_start")}
+    if rest:
+        name += "-" + hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(table.output_dir) / "runs" / name
+
+
+def row_configs(table: TableConfig, row: dict) -> list[FinetuneConfig]:
+    """One FinetuneConfig per p value of a trained row."""
+    extra = {k: v for k, v in row.items() if k not in ("name", "train", "p")}
+    ps = row.get("p", 15.0)
+    ps = ps if isinstance(ps, list) else [ps]
+    return [FinetuneConfig(**{**table.base, **extra, "p": p, "output_dir": str(run_folder(table, extra, p))})
+            for p in ps]
+
+
+def train_row(table: TableConfig, row: dict) -> tuple[Path, dict]:
+    """Train (or reuse) every model of a row; returns (folder of the chosen one, its finetune.json)."""
+    runs = []
+    for config in row_configs(table, row):
+        done = Path(config.output_dir) / RESULT
+        result = json.loads(done.read_text()) if done.exists() else finetune(config)
+        runs.append((Path(config.output_dir), result))
+    return min(runs, key=lambda run: run[1]["eval_loss"])
+
+
+def row_model(table: TableConfig, row: dict):
+    """(model, tokenizer, cost dict) for a row."""
+    if row.get("train", True):
+        folder, result = train_row(table, row)
+        model, tokenizer = load_adapted(folder)
+        cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
+        warm = result.get("warm_start") or {}
+        for k in ("steps", "tokens", "seconds"):  # the warm start is part of the adaptation's cost
+            cost[k] += warm.get(k, 0)
+        return model, tokenizer, {**cost, "attention": result["config"]["attention"], "p": result["config"]["p"],
+                                  "eval_loss": result["eval_loss"]}
+    base = {**table.base, **{k: v for k, v in row.items() if k not in ("name", "train")}}
+    model, tokenizer = load(base.get("model", "smollm2"))
+    if base.get("attention", "softmax") != "softmax":
+        patch(model, variant=base["attention"], p=base.get("p", 15.0))
+    return model, tokenizer, {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": base.get("attention", "softmax"),
+                              "p": base.get("p", 15.0)}
+
+
+def evaluate_row(table: TableConfig, row: dict) -> dict:
+    """{"cost": ..., "loss": {text label: {length: mean loss}}}, cached in <output_dir>/<row>/eval.json."""
+    path = Path(table.output_dir) / slug(row["name"]) / "eval.json"
+    cached = json.loads(path.read_text()) if path.exists() else {"loss": {}}
+    todo = [(label, n) for label in table.eval_text for n in table.lengths
+            if str(n) not in cached["loss"].get(label, {})]
+    if not todo and "cost" in cached:
+        return cached
+    model, tokenizer, cost = row_model(table, row)
+    cached["cost"] = cost
+    for label, source in table.eval_text.items():
+        ids = tokenize(tokenizer, read_text(source))
+        ids = ids[int(len(ids) * table.eval_skip):]
+        for n in table.lengths:
+            if str(n) in cached["loss"].get(label, {}):
+                continue
+            windows = blocks(ids, n, max(1, table.eval_tokens // n))
+            start = time.time()
+            loss = mean_loss(model, windows, f"{row['name']} {label} @ {n}")
+            cached["loss"].setdefault(label, {})[str(n)] = round(loss, 4)
+            print(f"{row['name']:<28} {label:<16} L={n:<6} loss {loss:.4f} ppl {math.exp(loss):9.2f} "
+                  f"({len(windows)} windows, {time.time() - start:.0f} s)", flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cached, indent=1))  # after every cell: resumable
+    return cached
+
+
+def markdown(table: TableConfig, results: dict) -> str:
+    labels = list(table.eval_text)
+    head = ["row", "p", "steps", "tokens", "train time"] + [f"{label} @{n}" for label in labels for n in table.lengths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in results.items():
+        cost = res["cost"]
+        p = f"{cost['p']:g}" if cost.get("attention") == "lssar" else ""
+        cells = [name, p, str(cost["steps"]),
+                 f"{cost['tokens']:,}", f"{cost['seconds'] / 60:.1f} min" if cost["seconds"] else "-"]
+        for label in labels:
+            for n in table.lengths:
+                loss = res["loss"].get(label, {}).get(str(n))
+                cells.append("-" if loss is None else f"{math.exp(loss):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_table(table: TableConfig, only: list | None = None) -> str:
+    """Train and evaluate every row (or the rows named in ``only``); writes table.md and table.json."""
+    results = {}
+    for row in table.rows:
+        if only and row["name"] not in only:
+            continue
+        results[row["name"]] = evaluate_row(table, row)
+    text = markdown(table, results)
+    out = Path(table.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text + "\n")
+    (out / "table.json").write_text(json.dumps(results, indent=1))
+    return text

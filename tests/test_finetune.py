@@ -1,0 +1,213 @@
+"""LoRA adaptation recipe on tiny random models with a tiny BPE tokenizer and real text (CPU)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("datasets")
+
+import lssa_hf  # noqa: E402
+from lssa_hf.finetune import FinetuneConfig, adapt, finetune, load_adapted  # noqa: E402
+from lssa_hf.finetune.data import build_datasets  # noqa: E402
+from lssa_hf.finetune.lora import add_lora, attention_modules, attention_targets  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TEXT = SHARED / "books" / "pg11_alice_in_wonderland.txt"
+pytestmark = pytest.mark.skipif(not TEXT.exists(), reason="needs ../shared/data (offline corpora)")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Llama and a byte-level BPE tokenizer trained on 30 KB of Alice in Wonderland."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT.read_text()[:30_000]], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def config(checkpoint, out, **overrides):
+    values = dict(model=checkpoint, output_dir=str(out), train_text=[str(TEXT)], max_train_tokens=12_000,
+                  block_size=32, batch_size=4, max_steps=6, lr=2e-2,
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],  # random model: let it learn the unigram warmup_steps=0, logging_steps=1,
+                  eval_steps=0, save_steps=0, lora_r=4, lora_alpha=8, max_eval_blocks=8, progress=False)
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def eval_loss(model, dataset) -> float:
+    with torch.no_grad():
+        x = dataset[:]["input_ids"]
+        return model.eval()(x, labels=x).loss.item()
+
+
+def logits(model, dataset):
+    with torch.no_grad():
+        return model.eval()(dataset[:2]["input_ids"]).logits
+
+
+def test_lora_lowers_the_loss_and_saved_artefacts_reload_as_lssa(checkpoint, tmp_path):
+    cfg = config(checkpoint, tmp_path, merge=True, attention="lssar", p=15.0)
+    untrained = lssa_hf.from_pretrained(checkpoint, variant="lssar", p=15.0)
+    model, tokenizer, result = adapt(cfg)
+    _, valid = build_datasets(cfg, tokenizer)
+    assert result["eval_loss"] < eval_loss(untrained, valid) - 0.05
+    assert result["steps"] == 6 and result["tokens"] == 6 * 4 * 32 and result["processes"] == 1
+    assert json.loads((tmp_path / "finetune.json").read_text())["eval_loss"] == result["eval_loss"]
+    want = logits(model, valid)
+
+    reloaded, _ = load_adapted(tmp_path, merge=False)  # base + adapter file
+    assert lssa_hf.settings_of(reloaded) == lssa_hf.LSSAConfig(variant="lssar", p=15.0)
+    torch.testing.assert_close(logits(reloaded, valid), want, rtol=1e-5, atol=1e-5)
+
+    from transformers import AutoModelForCausalLM
+
+    for merged in (AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), lssa_hf.from_pretrained(tmp_path / "merged")):
+        assert lssa_hf.is_patched(merged) and lssa_hf.settings_of(merged).p == 15.0
+        torch.testing.assert_close(logits(merged, valid), want, rtol=1e-4, atol=1e-4)
+
+
+def test_warm_start_lowers_the_per_layer_attention_mse(checkpoint, tmp_path):
+    cfg = config(checkpoint, tmp_path, attention="lssa", warm_start=True, warm_start_steps=8, warm_start_lr=2e-2,
+                 max_steps=2)
+    result = finetune(cfg)["warm_start"]
+    before, after = result["layer_mse_before"], result["layer_mse_after"]
+    assert len(before) == 2 and result["steps"] == 8 and result["targets"] == ["q_proj", "k_proj"]
+    assert sum(after) < 0.9 * sum(before)
+    from safetensors.torch import load_file
+
+    warm = load_file(tmp_path / "warm_start" / "adapter" / "adapter_model.safetensors")
+    trained = {k for k, v in warm.items() if "lora_B" in k and v.abs().sum() > 0}
+    assert trained and all(".q_proj." in k or ".k_proj." in k for k in trained)  # only q/k moved
+    final = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(".v_proj." in k and v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)  # then all
+
+
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    full = config(checkpoint, tmp_path / "full", max_steps=4, save_steps=2)
+    finetune(full)
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-2", resumed / "checkpoint-2")  # "killed" at 2
+    result = finetune(config(checkpoint, tmp_path / "resumed", max_steps=4, save_steps=2))
+    assert result["resumed_from"].endswith("checkpoint-2") and result["steps"] == 4
+    want = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_process_accelerate_run_writes_the_same_artefacts(checkpoint, tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP over gloo) through the CLI, warm start included."""
+    out = tmp_path / "ddp"
+    yaml_path = tmp_path / "tiny.yaml"
+    cfg = config(checkpoint, out, max_steps=3, merge=True, attention="lssar", warm_start=True, warm_start_steps=2)
+    import yaml
+    yaml_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([str(accelerate), "launch", "--config_file", str(ROOT / "recipes/accelerate/cpu.yaml"),
+                          "-m", "lssa_hf.cli", "finetune", "--config", str(yaml_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((out / "finetune.json").read_text())
+    assert result["processes"] == 2 and result["tokens"] == 3 * 4 * 32 * 2
+    assert result["warm_start"]["processes"] == 2 and len(result["warm_start"]["layer_mse_after"]) == 2
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    model, tokenizer = load_adapted(out)
+    assert lssa_hf.settings_of(model).variant == "lssar"
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert lssa_hf.is_patched(merged)
+    x = torch.randint(3, 300, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,targets,qk", [
+    ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "k_proj"]),
+    ("gpt2", ["attn.c_attn", "attn.c_proj"], ["attn.c_attn"]),
+])
+def test_default_targets_per_architecture(name, targets, qk):
+    model = tiny_model(name)
+    assert attention_targets(model) == (targets, qk)
+    assert len(attention_modules(model)) == 2
+    lora = add_lora(lssa_hf.patch(model, variant="lssa"), FinetuneConfig(lora_r=2, train_text=[]))
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in lora.named_parameters() if ".lora_A" in n}
+    assert wrapped and all(any(w.endswith(t) for t in targets) for w in wrapped)
+    assert not any("mlp" in w for w in wrapped)  # GPT-2's MLP has a c_proj too
+    assert any("modules_to_save" in n for n, p in lora.named_parameters() if p.requires_grad)  # norms
+    assert lssa_hf.is_patched(lora)
+
+
+def test_config_rejects_unknown_settings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("attention: lssar\nlearning_rate: 1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        FinetuneConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="softmax"):
+        FinetuneConfig(attention="flash")
+    assert FinetuneConfig.from_yaml(None, p=3, warm_start=None).p == 3.0
+
+
+def test_results_table_trains_picks_the_best_p_and_caches(checkpoint, tmp_path):
+    from lssa_hf.finetune.table import TableConfig, run_table
+
+    base = config(checkpoint, tmp_path, max_steps=2).to_dict()
+    for key in ("output_dir", "attention", "p"):
+        base.pop(key)
+    table = TableConfig(output_dir=str(tmp_path / "table"), base=base, lengths=[16, 32], eval_tokens=64,
+                        eval_text={"alice": str(TEXT)},
+                        rows=[{"name": "softmax", "attention": "softmax", "train": False},
+                              {"name": "LSSAR p=2 + LoRA", "attention": "lssar", "p": 2.0},
+                              {"name": "LSSAR best p + LoRA", "attention": "lssar", "p": [2.0, 15.0]}])
+    text = run_table(table)
+    lines = text.splitlines()
+    assert len(lines) == 5 and "alice @32" in lines[0] and "| softmax |  | 0 | 0 | - |" in lines[2]
+    runs = sorted(p.name for p in (tmp_path / "table" / "runs").iterdir())
+    assert runs == ["lssar-p15", "lssar-p2"]  # p=2 trained once, shared by two rows
+    results = json.loads((tmp_path / "table" / "table.json").read_text())
+    best = results["LSSAR best p + LoRA"]["cost"]
+    losses = {p: json.loads((tmp_path / "table" / "runs" / f"lssar-p{p}" / "finetune.json").read_text())["eval_loss"]
+              for p in ("2", "15")}
+    assert f"{best['p']:g}" == min(losses, key=losses.get) and best["steps"] == 2
+    cached = sorted((tmp_path / "table").rglob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cached if p.name != "table.json"]
+    assert run_table(table) == text  # everything cached: nothing retrained or re-measured
+    assert [p.stat().st_mtime_ns for p in cached if p.name != "table.json"] == stamps
+
+
+def test_cli_overrides_take_yaml_values():
+    from lssa_hf.cli import build_parser
+    from lssa_hf.commands.finetune import overrides
+
+    args = build_parser().parse_args(["finetune", "--attention", "lssa", "--no-warm-start", "--set", "lr=1e-3",
+                                      "target_modules=[q_proj, k_proj]", "eval-text=null"])
+    values = {k: v for k, v in overrides(args).items() if v is not None}
+    assert values == {"attention": "lssa", "warm_start": False, "lr": "1e-3", "target_modules": ["q_proj", "k_proj"]}
+    config = FinetuneConfig.from_yaml(None, **values)
+    assert config.lr == 1e-3 and not config.warm_start  # YAML 1.1 reads 1e-3 as a string: converted
