@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..data import blocks, read_text, tokenize
 from ..models import DEFAULT_MODEL, load
-from ..patching import patch, unpatch
+from ..patching import is_patched, patch, unpatch
 
 
 @torch.no_grad()
@@ -27,7 +27,8 @@ def compare(model, tokenizer, text: str, lengths: list[int], variants: list[str]
     bar = tqdm(total=len(variants) * len(lengths), desc="compare")
     for variant in variants:
         if variant == "softmax":
-            unpatch(model) if hasattr(model, "_lssa_original_attn_implementation") else None
+            if is_patched(model):
+                unpatch(model)
         else:
             patch(model, variant=variant, p=p)
         for length in lengths:
