@@ -55,11 +55,14 @@ def choose_backend(query: torch.Tensor, key: torch.Tensor, *, needs_weights: boo
 
 
 def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
-                   dropout_p: float = 0.0, return_weights: bool = False, backend: str = "auto"):
+                   dropout_p: float = 0.0, return_weights: bool = False, backend: str = "auto",
+                   temperature=None):
     """LSSA / LSSAR attention.
 
     query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D); ``mask`` bool broadcastable to (B, Hq, Lq, Lk),
-    True = visible, or None for causal with queries aligned to the last keys. Returns
+    True = visible, or None for causal with queries aligned to the last keys. ``temperature``: None
+    (the paper) or Hq per-head multipliers tau_h of the length scale, s = tau_h log(d) log(N_i) cos;
+    it may require grad (a learned temperature). Returns
     (output (B, Hq, Lq, Dv) in the input dtype, weights (B, Hq, Lq, Lk) or None).
     """
     check_settings(variant, p)
@@ -69,7 +72,8 @@ def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: fl
         raise ValueError(f"Unknown LSSA backend {backend!r}: use one of {BACKENDS}.")
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"mask must be boolean (True = visible), got {mask.dtype}.")
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, temperature)
+                                           if t is not None)
     if backend == "auto":
         backend = choose_backend(query, key, needs_weights=return_weights, dropout_p=dropout_p,
                                  variant=variant, grad=grad, mask=mask, p=p)
@@ -79,8 +83,10 @@ def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: fl
         backend = "blocked_compiled" if query.device.type == "cpu" and compiled.enabled() else "blocked"
     if backend == "materialized":
         return materialized_attention(query, key, value, mask, variant=variant, p=p,
-                                      dropout_p=dropout_p, return_weights=return_weights)
+                                      dropout_p=dropout_p, return_weights=return_weights,
+                                      temperature=temperature)
     if backend == "flex":
-        return flex.flex_lssa(query, key, value, mask, variant=variant, p=p), None
+        return flex.flex_lssa(query, key, value, mask, variant=variant, p=p, temperature=temperature), None
     ops = compiled.compiled_ops() if backend == "blocked_compiled" else None
-    return blocked.blocked_attention(query, key, value, mask, variant=variant, p=p, ops=ops), None
+    return blocked.blocked_attention(query, key, value, mask, variant=variant, p=p, ops=ops,
+                                     temperature=temperature), None

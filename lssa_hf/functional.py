@@ -70,15 +70,35 @@ def length_scale(visible: torch.Tensor, head_dim: int) -> torch.Tensor:
     return math.log(head_dim) * torch.log(visible.clamp_min(1))
 
 
-def softplus_scores(query, key, mask, dtype):
-    """Softplus scores (zero where masked) and N_i, both as (B, Hq, Lq, Lk)/(B, Hq, Lq, 1)."""
+def head_factor(temperature, query: torch.Tensor, dtype: torch.dtype):
+    """Optional per-query-head multiplier tau_h of the length scale, as a (1, Hq, 1, 1) tensor.
+
+    ``temperature`` None (the paper: tau = 1), or a tensor of Hq positive values; it may require grad.
+    """
+    if temperature is None:
+        return None
+    hq = query.shape[1]
+    if not torch.is_tensor(temperature) or temperature.numel() != hq:
+        got = tuple(temperature.shape) if torch.is_tensor(temperature) else type(temperature).__name__
+        raise ValueError(f"temperature must be a tensor with one value per query head ({hq}), got {got}.")
+    return temperature.to(device=query.device, dtype=dtype).reshape(1, hq, 1, 1)
+
+
+def softplus_scores(query, key, mask, dtype, temperature=None):
+    """Softplus scores (zero where masked) and N_i, both as (B, Hq, Lq, Lk)/(B, Hq, Lq, 1).
+
+    s_ij = tau_h log(d) log(N_i) <q^_i, k^_j>, tau_h = 1 unless a per-head ``temperature`` is given."""
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     q, k = unit_qk(query, key, dtype)
     cos = (q.reshape(b, hkv, (hq // hkv) * lq, d) @ k.transpose(-1, -2)).view(b, hq, lq, lk)
     visible = mask.expand(b, hq, lq, lk)
     n = mask.sum(-1, keepdim=True).to(dtype).expand(b, hq, lq, 1)  # count once, not per head
-    sp = torch.where(visible, F.softplus(length_scale(n, d) * cos), 0.0)
+    scale = length_scale(n, d)
+    tau = head_factor(temperature, query, dtype)
+    if tau is not None:
+        scale = scale * tau
+    sp = torch.where(visible, F.softplus(scale * cos), 0.0)
     return sp, n, visible
 
 
@@ -99,26 +119,26 @@ def reweight(sp: torch.Tensor, n: torch.Tensor, visible: torch.Tensor, p: float)
     return torch.where(has_mass, reweighted, lssa)
 
 
-def lssa_weights(query, key, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P):
+def lssa_weights(query, key, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P, temperature=None):
     """Attention weights (B, Hq, Lq, Lk) in the compute dtype; fully masked rows are zero."""
     check_settings(variant, p)
     check_shapes(query, key, key)
     dtype = compute_dtype(query.dtype)
     if mask is None:
         mask = causal_mask(query.shape[-2], key.shape[-2], query.device)
-    sp, n, visible = softplus_scores(query, key, mask, dtype)
+    sp, n, visible = softplus_scores(query, key, mask, dtype, temperature)
     if variant == "lssar":
         return reweight(sp, n, visible, p)
     return sp / sp.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 
 def materialized_attention(query, key, value, mask=None, *, variant="lssa", p=DEFAULT_P,
-                           dropout_p: float = 0.0, return_weights: bool = False):
+                           dropout_p: float = 0.0, return_weights: bool = False, temperature=None):
     """LSSA/LSSAR with the full weight matrix: the plain, always-correct path.
 
     Returns (output (B, Hq, Lq, Dv) in the input dtype, weights or None).
     """
-    weights = lssa_weights(query, key, mask, variant=variant, p=p)
+    weights = lssa_weights(query, key, mask, variant=variant, p=p, temperature=temperature)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
     b, hq, lq, lk = weights.shape

@@ -7,11 +7,11 @@ import logging
 
 from transformers import PreTrainedModel
 
+from .functional import VARIANTS
 from .settings import CONFIG_KEY, LSSAConfig
+from .temperature import add_temperatures, has_temperatures, load_temperatures, remove_temperatures
 
 logger = logging.getLogger(__name__)
-
-from .functional import VARIANTS
 _ORIGINAL = "_lssa_original_attn_implementation"  # model attribute set by patch()
 
 
@@ -91,14 +91,23 @@ def _warn_ignored(model: PreTrainedModel) -> None:
             return
 
 
-def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto"):
+def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
+          head_temperature: bool | None = None):
     """Make ``model`` (a transformers model, or a peft model around one) use LSSA or LSSAR attention.
 
     The settings are stored on the model's own config (a private copy: other models built from the
-    same config object are untouched) and saved by ``save_pretrained``. Returns the same model.
+    same config object are untouched) and saved by ``save_pretrained``. ``head_temperature=True``
+    adds a learnable per-head multiplier of the length scale to every attention module (tau = 1 at
+    first, see ``lssa_hf.temperature``); None keeps the temperatures the model already has, if any.
+    Returns the same model.
     """
-    settings = LSSAConfig(variant=variant, p=p, backend=backend)
     model_ = base_model(model)
+    if head_temperature is None:
+        head_temperature = has_temperatures(model_)
+    elif not head_temperature and has_temperatures(model_):
+        raise ValueError("This model carries learned per-head temperatures; patch it with head_temperature=True "
+                         "(or None) to keep them, or unpatch it first to drop them.")
+    settings = LSSAConfig(variant=variant, p=p, backend=backend, head_temperature=head_temperature)
     check_supported(model_)
     if not hasattr(model_, _ORIGINAL):
         original = model_.config._attn_implementation
@@ -108,6 +117,8 @@ def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto")
         _own_config(model_)
     _warn_ignored(model_)
     _set_settings(model_, settings)
+    if head_temperature:
+        add_temperatures(model_)
     model_.set_attn_implementation(settings.variant)
     return model
 
@@ -121,6 +132,7 @@ def unpatch(model):
             raise ValueError("This model does not use LSSA; there is nothing to unpatch.")
         original = model_.get_correct_attn_implementation(None)  # loaded as LSSA: transformers' default
     _set_settings(model_, None)
+    remove_temperatures(model_)
     model_.set_attn_implementation(original)
     return model
 
@@ -135,17 +147,19 @@ def settings_of(model) -> LSSAConfig | None:
     model_ = base_model(model)
     if not is_patched(model_):
         return None
-    stored = LSSAConfig.of(model_.config)
-    variant = model_.config._attn_implementation
-    return LSSAConfig(variant=variant, p=stored.p if stored else 15.0, backend=stored.backend if stored else "auto")
+    stored = LSSAConfig.of(model_.config) or LSSAConfig()
+    return LSSAConfig(variant=model_.config._attn_implementation, p=stored.p, backend=stored.backend,
+                      head_temperature=stored.head_temperature)
 
 
 def from_pretrained(name_or_path: str, variant: str | None = None, p: float | None = None,
-                    backend: str | None = None, model_class=None, **kwargs):
+                    backend: str | None = None, model_class=None, head_temperature: bool | None = None,
+                    **kwargs):
     """Load a checkpoint (hub name or folder) with LSSA attention.
 
-    An LSSA checkpoint saved by ``save_pretrained`` keeps its settings; arguments given here override
-    them. A softmax checkpoint is patched with ``variant`` (default "lssar") and ``p`` (default 15).
+    An LSSA checkpoint saved by ``save_pretrained`` keeps its settings and learned per-head
+    temperatures; arguments given here override them. A softmax checkpoint is patched with
+    ``variant`` (default "lssar"), ``p`` (default 15) and ``head_temperature`` (default False).
     """
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
@@ -154,5 +168,16 @@ def from_pretrained(name_or_path: str, variant: str | None = None, p: float | No
                         "of attn_implementation.")
     model = model_class.from_pretrained(name_or_path, **kwargs)
     stored = LSSAConfig.of(model.config) or LSSAConfig()
-    return patch(model, variant=variant or stored.variant, p=stored.p if p is None else p,
-                 backend=backend or stored.backend)
+    patch(model, variant=variant or stored.variant, p=stored.p if p is None else p,
+          backend=backend or stored.backend,
+          head_temperature=stored.head_temperature if head_temperature is None else head_temperature)
+    restore_temperatures(model, name_or_path, **kwargs)
+    return model
+
+
+def restore_temperatures(model, name_or_path: str, **kwargs) -> None:
+    """Put back the per-head temperatures of a checkpoint saved with them (transformers drops them
+    when it builds the model); nothing to do for other checkpoints."""
+    stored = LSSAConfig.of(getattr(model, "config", None))
+    if stored is not None and stored.head_temperature and "gguf_file" not in kwargs:
+        load_temperatures(model, name_or_path, **kwargs)

@@ -16,11 +16,14 @@ class LSSAConfig:
     variant: "lssa" (softplus + length scaling) or "lssar" (with re-weighting).
     p: re-weighting power of LSSAR (paper default 15.0); ignored by "lssa".
     backend: "auto" or a forced kernel path (see ``lssa_hf.attention.BACKENDS``).
+    head_temperature: every attention module carries a learnable per-head multiplier of the length
+        scale (``lssa_hf.temperature``); False is the paper's fixed scale.
     """
 
     variant: str = "lssar"
     p: float = DEFAULT_P
     backend: str = "auto"
+    head_temperature: bool = False
 
     def __post_init__(self):
         from .attention import BACKENDS  # late import: attention imports kernels
@@ -29,6 +32,7 @@ class LSSAConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"Unknown LSSA backend {self.backend!r}: use one of {BACKENDS}.")
         object.__setattr__(self, "p", float(self.p))
+        object.__setattr__(self, "head_temperature", bool(self.head_temperature))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,9 +8,10 @@ import math
 import torch
 
 
-def reference_attention(q, k, v, mask=None, variant="lssa", p=15.0, eps=1e-6):
+def reference_attention(q, k, v, mask=None, variant="lssa", p=15.0, eps=1e-6, temperature=None):
     """q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D); mask bool broadcastable to (B, Hq, Lq, Lk) or None
-    (causal, queries aligned to the last keys). Returns float64 output (B, Hq, Lq, Dv)."""
+    (causal, queries aligned to the last keys); temperature: None or Hq multipliers of head h's
+    scores. Returns float64 output (B, Hq, Lq, Dv)."""
     q, k, v = q.double(), k.double(), v.double()
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -29,6 +30,8 @@ def reference_attention(q, k, v, mask=None, variant="lssa", p=15.0, eps=1e-6):
         m = mask[:, h]
         n = m.sum(-1, keepdim=True).double()  # N_i
         s = math.log(d) * torch.log(n.clamp(min=1)) * (qn @ kn.transpose(-1, -2))
+        if temperature is not None:
+            s = temperature[h].double() * s
         sp = torch.log1p(torch.exp(s)) * m  # softplus, zero where not visible
         a = sp / sp.sum(-1, keepdim=True).clamp(min=1e-300)
         if variant == "lssar":

@@ -51,7 +51,8 @@ def checkpoint(tmp_path_factory):
 def config(checkpoint, out, **overrides):
     values = dict(model=checkpoint, output_dir=str(out), train_text=[str(TEXT)], max_train_tokens=12_000,
                   block_size=32, batch_size=4, max_steps=6, lr=2e-2,
-                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],  # random model: let it learn the unigram warmup_steps=0, logging_steps=1,
+                  # a random model: lm_head too, so that it can learn the unigram distribution
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"], warmup_steps=0, logging_steps=1,
                   eval_steps=0, save_steps=0, lora_r=4, lora_alpha=8, max_eval_blocks=8, progress=False)
     values.update(overrides)
     return FinetuneConfig(**values)
@@ -103,6 +104,32 @@ def test_warm_start_lowers_the_per_layer_attention_mse(checkpoint, tmp_path):
     assert trained and all(".q_proj." in k or ".k_proj." in k for k in trained)  # only q/k moved
     final = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any(".v_proj." in k and v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)  # then all
+
+
+def test_learned_temperatures_train_save_and_reload_everywhere(checkpoint, tmp_path):
+    """head_temperature: the warm start and LoRA move tau at its own learning rate, and the adapter,
+    the merged checkpoint and the lm-eval model type all reload the learned values."""
+    from lssa_hf.temperature import temperatures
+
+    cfg = config(checkpoint, tmp_path, attention="lssar", head_temperature=True, temperature_lr=0.2, merge=True,
+                 warm_start=True, warm_start_steps=4, warm_start_lr=2e-2, max_steps=4)
+    model, tokenizer, result = adapt(cfg)
+    _, valid = build_datasets(cfg, tokenizer)
+    tau = temperatures(lssa_hf.patching.base_model(model))
+    assert tau.shape == (2, 4) and (tau - 1).abs().min() > 0.01  # every head moved...
+    # ...further than 8 Adam steps (each <= lr in size) at the LoRA rates (2e-2) could take log(tau)
+    assert tau.log().abs().max() > 0.3
+    want = logits(model, valid)
+    reloaded, _ = load_adapted(tmp_path, merge=False)
+    torch.testing.assert_close(temperatures(lssa_hf.patching.base_model(reloaded)), tau)
+    torch.testing.assert_close(logits(reloaded, valid), want, rtol=1e-5, atol=1e-5)
+    merged = lssa_hf.from_pretrained(tmp_path / "merged")
+    assert lssa_hf.settings_of(merged).head_temperature
+    torch.testing.assert_close(logits(merged, valid), want, rtol=1e-4, atol=1e-4)
+    from lssa_hf.harness.model import LSSAHFLM
+
+    lm = LSSAHFLM(pretrained=str(tmp_path / "merged"), device="cpu")
+    torch.testing.assert_close(temperatures(lm.model), tau)
 
 
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(checkpoint, tmp_path):

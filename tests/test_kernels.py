@@ -294,3 +294,39 @@ def test_mask_plan_cache_follows_the_mask():
     with torch.inference_mode():  # inference tensors have no version counter: no caching, still exact
         m2 = _masks("window", 1, 30, 30).clone()
         _assert_close(blocked_attention(q, k, v, m2), reference_attention(q, k, v, m2), 1e-9)
+
+
+@pytest.mark.parametrize("variant", ["lssa", "lssar"])
+@pytest.mark.parametrize("backend", ["materialized", "blocked", "blocked_compiled"])
+@pytest.mark.parametrize("kind", [None, "padding", "packed"])
+def test_per_head_temperature_matches_reference_with_its_gradient(backend, variant, kind):
+    """A learned per-head temperature tau_h scales head h's length scale: output and the gradients
+    of q, k, v and tau equal the float64 reference (block size 7 does not divide L)."""
+    q, k, v = _inputs(2, 4, 2, 45, 45, 16)
+    mask = _masks(kind, 2, 45, 45)
+    tau = torch.tensor([0.5, 1.0, 2.0, 3.5], dtype=torch.float64)
+    dout = torch.randn(2, 4, 45, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, tau)]
+        out = fn(*leaves)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+    if backend == "blocked":
+        ours = run(lambda a, b_, c, t: blocked_attention(a, b_, c, mask, variant=variant, block_q=7, temperature=t))
+    else:
+        ours = run(lambda a, b_, c, t: lssa_attention(a, b_, c, mask, variant=variant, backend=backend,
+                                                      temperature=t)[0])
+    want = run(lambda a, b_, c, t: reference_attention(a, b_, c, mask, variant, 15.0, temperature=t))
+    for name, x, y in zip(("out", "dq", "dk", "dv", "dtau"), ours, want):
+        _assert_close(x, y, 1e-8 if backend != "blocked_compiled" else 1e-7, name)
+    assert want[-1].abs().min() > 0  # the temperature gradient is not trivially zero
+
+
+def test_temperature_of_ones_is_the_paper_and_bad_shapes_are_refused():
+    q, k, v = _inputs(1, 4, 2, 20, 20, 8, torch.float32)
+    plain = lssa_attention(q, k, v, variant="lssar")[0]
+    ones = lssa_attention(q, k, v, variant="lssar", temperature=torch.ones(4))[0]
+    assert torch.equal(plain, ones)
+    with pytest.raises(ValueError, match="one value per query head"):
+        lssa_attention(q, k, v, temperature=torch.ones(2))

@@ -14,7 +14,8 @@ from ..finetune.config import ATTENTIONS
 def overrides(args) -> dict:
     values = dict(model=args.model, attention=args.attention, p=args.p, output_dir=args.output_dir,
                   train_text=args.train_text, eval_text=args.eval_text, max_steps=args.max_steps,
-                  block_size=args.block_size, warm_start=args.warm_start, merge=args.merge, seed=args.seed)
+                  block_size=args.block_size, warm_start=args.warm_start, merge=args.merge, seed=args.seed,
+                  head_temperature=args.head_temperature)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -48,6 +49,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction, help="attention-transfer warm start on/off")
+    parser.add_argument("--head-temperature", action=argparse.BooleanOptionalAction,
+                        help="learn a per-head multiplier of LSSA's length scale (own LR: temperature_lr)")
     parser.add_argument("--merge", action=argparse.BooleanOptionalAction, help="also save a merged LSSA checkpoint")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="any other config field, e.g. lr=1e-3")
     parser.set_defaults(func=run)

@@ -38,6 +38,9 @@ class FinetuneConfig:
     target_modules: list | None = None
     train_norms: bool = True  # LSSA changes every layer's output statistics: let the norms follow
     train_embeddings: bool = False
+    # learned per-head multiplier of LSSA's length scale (lssa_hf.temperature), with its own LR
+    head_temperature: bool = False
+    temperature_lr: float = 2e-2
 
     # attention-transfer warm start (LoLCATs-style): LoRA on q/k only, per-layer output MSE vs softmax
     warm_start: bool = False
@@ -78,6 +81,8 @@ class FinetuneConfig:
             raise ValueError("validation_fraction must be in [0, 1).")
         if self.eval_text is None and self.validation_fraction == 0:
             raise ValueError("Give eval_text or a validation_fraction > 0: validation loss needs held-out text.")
+        if self.head_temperature and self.attention == "softmax":
+            raise ValueError("head_temperature scales LSSA's length scale: it needs attention 'lssa' or 'lssar'.")
         if self.warm_start and self.attention == "softmax":
             raise ValueError("The warm start matches LSSA layers to their softmax originals: it needs attention "
                              "'lssa' or 'lssar', not 'softmax'.")

@@ -5,6 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ..patching import base_model
+from ..temperature import ATTRIBUTE as TEMPERATURE
+from ..temperature import attention_modules as _attention_modules
+from ..temperature import has_temperatures
 from .config import FinetuneConfig
 
 # model_type -> (all attention projections, the ones that form the scores q.k). peft matches a name
@@ -37,9 +40,8 @@ def attention_targets(model, config: FinetuneConfig | None = None) -> tuple[list
 
 
 def attention_modules(model) -> list[nn.Module]:
-    """The self-attention module of every layer, in order (class name ends in "Attention")."""
-    found = [m for m in base_model(model).modules() if type(m).__name__.endswith("Attention")]
-    return [m for m in found if not any(o is not m and o in set(m.modules()) for o in found)]  # outermost only
+    """The attention module of every layer, in order."""
+    return _attention_modules(base_model(model))
 
 
 def norm_modules(model) -> list[str]:
@@ -61,7 +63,8 @@ def add_lora(model, config: FinetuneConfig):
     if config.warm_start and not set(qk) <= set(targets):
         raise ValueError(f"The warm start trains {qk}, which must be among the LoRA targets {targets}.")
     to_save = (norm_modules(model) if config.train_norms else []) + (
-        embedding_modules(model) if config.train_embeddings else [])
+        embedding_modules(model) if config.train_embeddings else []) + (
+        [TEMPERATURE] if has_temperatures(base_model(model)) else [])  # learned per-head temperatures
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, modules_to_save=to_save or None, task_type="CAUSAL_LM",
                       ensure_weight_tying=config.train_embeddings)

@@ -20,6 +20,7 @@ from ..patching import patch
 from .config import FinetuneConfig
 from .data import build_datasets
 from .lora import add_lora, attention_targets
+from .optim import AdaptTrainer
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
 
 RESULT = "finetune.json"
@@ -70,7 +71,7 @@ def build_model(config: FinetuneConfig):
     model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype))
     drop_gguf_marker(model)
     if config.attention != "softmax":
-        patch(model, variant=config.attention, p=config.p)
+        patch(model, variant=config.attention, p=config.p, head_temperature=config.head_temperature)
     set_seed(config.seed)  # LoRA A matrices are drawn here: same init for every attention
     model = add_lora(model, config)
     if config.gradient_checkpointing:
@@ -104,7 +105,8 @@ def warm_start(model, config: FinetuneConfig, train, valid, out: Path) -> dict:
     args = training_args(replace(config, gradient_checkpointing=False), folder / "checkpoints",
                          config.warm_start_steps, config.warm_start_lr,
                          warmup=min(config.warmup_steps, config.warm_start_steps // 10))
-    trainer = AttentionTransferTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid)
+    trainer = AttentionTransferTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
+                                       temperature_lr=config.temperature_lr)
     start = time.time()
     try:
         resume = last_checkpoint(folder / "checkpoints") if config.resume else None
@@ -134,8 +136,6 @@ def adapt(config: FinetuneConfig):
     """Run the recipe; returns (peft model, tokenizer, result dict)."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
-    from transformers import Trainer
-
     out = Path(config.output_dir)
     model, tokenizer = build_model(config)
     train, valid = build_datasets(config, tokenizer)
@@ -152,9 +152,9 @@ def adapt(config: FinetuneConfig):
         else:
             result["warm_start"] = warm_start(model, config, train, valid, out)
 
-    trainer = Trainer(model=model, args=training_args(config, out / "checkpoints", config.max_steps, config.lr,
-                                                      config.warmup_steps),
-                      train_dataset=train, eval_dataset=valid)
+    trainer = AdaptTrainer(model=model, args=training_args(config, out / "checkpoints", config.max_steps, config.lr,
+                                                           config.warmup_steps),
+                           train_dataset=train, eval_dataset=valid, temperature_lr=config.temperature_lr)
     start = time.time()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
@@ -190,6 +190,6 @@ def load_adapted(output_dir: str | Path, merge: bool = True):
     model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype))
     drop_gguf_marker(model)
     if config.attention != "softmax":
-        patch(model, variant=config.attention, p=config.p)
+        patch(model, variant=config.attention, p=config.p, head_temperature=config.head_temperature)
     model = PeftModel.from_pretrained(model, out / "adapter")
     return (model.merge_and_unload() if merge else model).eval(), tokenizer

@@ -14,23 +14,27 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
-
 from ..patching import base_model, is_patched, patch, settings_of, unpatch
+from ..temperature import ATTRIBUTE as TEMPERATURE
 from .lora import attention_modules
+from .optim import AdaptTrainer, is_temperature
 
 
 @contextmanager
 def original_attention(model):
-    """Run ``model`` with the attention it had before ``patch`` (softmax), then patch it back."""
+    """Run ``model`` with the attention it had before ``patch`` (softmax), then patch it back with
+    the same learned temperatures (unpatch alone would drop them)."""
     settings = settings_of(model)
     if settings is None:
         yield model
         return
+    kept = [(m, m._modules[TEMPERATURE]) for m in attention_modules(model) if TEMPERATURE in m._modules]
     unpatch(model)
     try:
         yield model
     finally:
+        for module, temperature in kept:
+            module.add_module(TEMPERATURE, temperature)
         patch(model, **settings.to_dict())
 
 
@@ -131,7 +135,7 @@ def layer_mse(model, dataset, n_blocks: int = 4) -> list[float]:
     return (total / len(rows)).tolist()
 
 
-class AttentionTransferTrainer(Trainer):
+class AttentionTransferTrainer(AdaptTrainer):
     """A Trainer whose loss is the mean per-layer attention-output MSE instead of the LM loss."""
 
     def __init__(self, *args, **kwargs):
@@ -152,12 +156,14 @@ class AttentionTransferTrainer(Trainer):
 
 
 def qk_only(model, qk_targets: list[str]) -> dict:
-    """Freeze every trainable parameter except the LoRA matrices of the q/k projections; returns the
-    previous requires_grad flags for ``restore``."""
+    """Freeze every trainable parameter except what forms the scores: the LoRA matrices of the q/k
+    projections and learned per-head temperatures. Returns the previous requires_grad flags for
+    ``restore``."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, param in model.named_parameters():
         module = name.split(".lora_", 1)[0]
-        param.requires_grad = ".lora_" in name and any(module.endswith(t) for t in qk_targets)
+        qk_lora = ".lora_" in name and any(module.endswith(t) for t in qk_targets)
+        param.requires_grad = qk_lora or (flags[name] and is_temperature(name))
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"No LoRA parameters on the q/k projections {qk_targets}.")
     return flags

@@ -22,8 +22,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..models import resolve
-from ..patching import is_patched, patch, settings_of, unpatch
+from ..patching import is_patched, patch, restore_temperatures, settings_of, unpatch
 from ..settings import LSSAConfig
+from ..temperature import add_temperatures
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,16 @@ class LSSAHFLM(HFLM):
         self._auto_length = max_length in (None, "", "auto")
         super().__init__(pretrained, backend=backend, truncation=truncation, gguf_file=gguf_file,
                          max_length=None if self._auto_length else int(max_length), **kwargs)
+        if isinstance(pretrained, str) and gguf_file is None:
+            self._restore_temperatures(pretrained, kwargs.get("revision"))
         self._set_attention(variant, p, lssa_backend)
+
+    def _restore_temperatures(self, pretrained: str, revision) -> None:
+        """A checkpoint saved with learned per-head temperatures: HFLM's loader dropped them."""
+        stored = settings_of(self._model)
+        if stored is not None and stored.head_temperature:
+            add_temperatures(self._model)
+            restore_temperatures(self._model, pretrained, **({"revision": revision} if revision else {}))
 
     def _set_attention(self, variant, p, backend) -> None:
         model = self._model

@@ -14,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..attention import lssa_attention
 from ..functional import causal_mask
 from ..settings import LSSAConfig
+from ..temperature import ATTRIBUTE as TEMPERATURE
 
 # Arguments that cannot be honoured: the error names the fix instead of silently changing the model.
 _REFUSED = {
@@ -107,8 +108,19 @@ def _attention_forward(variant, module, query, key, value, attention_mask, dropo
     out, weights = lssa_attention(
         query, key, value, mask, variant=variant, p=settings.p, dropout_p=dropout,
         return_weights=bool(kwargs.get("output_attentions")), backend=settings.backend,
+        temperature=_temperature(module, settings),
     )
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _temperature(module, settings: LSSAConfig):
+    """The module's learned per-head temperatures (None: the paper's fixed scale)."""
+    found = getattr(module, TEMPERATURE, None)
+    if found is None and settings.head_temperature:
+        raise RuntimeError("This model was saved with learned per-head LSSA temperatures, which transformers "
+                           "does not load by itself: load it with lssa_hf.from_pretrained(path) (or call "
+                           "lssa_hf.patching.restore_temperatures(model, path) after patch).")
+    return None if found is None else found()
 
 
 def lssa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -29,7 +29,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..functional import DEFAULT_P, compute_dtype, unit_qk
+from ..functional import DEFAULT_P, compute_dtype, head_factor, unit_qk
 
 # Elements per strip (all batches and heads together). 1M fp32 = 4 MiB per strip temporary, i.e.
 # about one L2 cache per thread: measured fastest on CPU among 256K..16M (big strips spill to L3).
@@ -335,11 +335,13 @@ def _cached_plan(mask, mask4, b, hq, lq, lk, block_q, budget, device):
 
 
 def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
-                      block_q: int | None = None, budget: int | None = None, ops=None) -> torch.Tensor:
+                      block_q: int | None = None, budget: int | None = None, ops=None,
+                      temperature=None) -> torch.Tensor:
     """LSSA/LSSAR output (B, Hq, Lq, Dv) in the input dtype, without any L x L tensor.
 
     ``block_q`` fixes the strip height (default: sized to ``budget`` elements per strip); ``ops`` swaps
-    the per-strip elementwise functions (``EAGER_OPS`` by default; see ``compiled.py``)."""
+    the per-strip elementwise functions (``EAGER_OPS`` by default; see ``compiled.py``); ``temperature``
+    (Hq values) multiplies each head's length scale, and autograd reaches it through the scaled query."""
     b, hq, lq, d = query.shape
     lk = key.shape[2]
     dtype = compute_dtype(query.dtype)
@@ -351,6 +353,9 @@ def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p:
     scale = math.log(d) * torch.log(n.to(dtype).clamp_min(1))  # (Bm, Hm, Lq)
     q, k = unit_qk(query, key, dtype)
     qs = q * scale.unsqueeze(-1)
+    tau = head_factor(temperature, query, dtype)
+    if tau is not None:
+        qs = qs * tau
     out = BlockedLSSA.apply(qs.contiguous(), k.contiguous(), value.to(dtype).contiguous(), mask4, n,
                             variant, float(p), plan, EAGER_OPS if ops is None else ops)
     return out.to(query.dtype)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..functional import DEFAULT_P, compute_dtype, unit_qk
+from ..functional import DEFAULT_P, compute_dtype, head_factor, unit_qk
 
 try:
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
@@ -90,11 +90,13 @@ def _block_mask(mask, b, hq, lq, lk, device):
     return create_block_mask(mask_mod, bsz, heads, lq, lk, device=device, _compile=device.type == "cuda")
 
 
-def flex_lssa(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P) -> torch.Tensor:
+def flex_lssa(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
+              temperature=None) -> torch.Tensor:
     """LSSA/LSSAR output (B, Hq, Lq, Dv) in the input dtype. Check ``supports`` first."""
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, temperature)
+                                           if t is not None)
     if not supports(query, key, mask, variant=variant, p=p, grad=grad):
         raise NotImplementedError("flex LSSA cannot run this call exactly here (see lssa_hf.kernels.flex); "
                                   "use backend='blocked'.")
@@ -110,6 +112,9 @@ def flex_lssa(query, key, value, mask=None, *, variant: str = "lssa", p: float =
     scale = math.log(d) * torch.log(n.clamp_min(1))
     q, k = unit_qk(query, key, dtype)
     qs, v = q * scale.unsqueeze(-1), value.to(dtype)
+    tau = head_factor(temperature, query, dtype)
+    if tau is not None:  # folded into the query like the length scale: autograd reaches it there
+        qs = qs * tau
     block_mask = _block_mask(mask, b, hq, lq, lk, query.device)
 
     def lssa_mod(score, bi, hi, qi, ki):

@@ -1,0 +1,124 @@
+"""A learnable per-head temperature of LSSA's length scale: s = tau_h log(d) log(N_i) <q^, k^>.
+
+A softmax checkpoint swapped to LSSA sees flatter attention than it was trained for (cosines are
+small, the paper's scale is fixed). ``patch(model, head_temperature=True)`` gives every attention
+module a ``lssa_temperature`` child holding log(tau) per query head, initialised to tau = 1 (the
+paper). It is an ordinary module: optimisers see it, peft trains and saves it through
+``modules_to_save=["lssa_temperature"]``, and ``save_pretrained`` writes it with the weights.
+
+Loading: transformers builds attention modules without it and drops its weights, so
+``lssa_hf.from_pretrained`` (and the lm-eval model type) put them back with ``load_temperatures``;
+a checkpoint whose config asks for temperatures but whose modules lack them refuses to run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ATTRIBUTE = "lssa_temperature"  # child module name on each attention module
+PARAMETER = "log_temperature"
+SUFFIX = f"{ATTRIBUTE}.{PARAMETER}"  # state-dict key suffix
+
+
+class HeadTemperature(nn.Module):
+    """tau_h = exp(log_tau_h) for each query head; the log keeps tau positive under any update."""
+
+    def __init__(self, num_heads: int, device=None):
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.zeros(num_heads, device=device, dtype=torch.float32))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.log_temperature.numel()}"
+
+
+def attention_modules(model) -> list[nn.Module]:
+    """The attention module of every layer, in order (class name ends in "Attention"; outermost only)."""
+    found = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    return [m for m in found if not any(o is not m and o in set(m.modules()) for o in found)]
+
+
+def _num_heads(module) -> int:
+    heads = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
+    if not heads:
+        raise NotImplementedError(f"Cannot tell how many query heads {type(module).__name__} has; "
+                                  "per-head temperatures need `num_heads` or `config.num_attention_heads`.")
+    return int(heads)
+
+
+def has_temperatures(model) -> bool:
+    return any(hasattr(m, ATTRIBUTE) for m in attention_modules(model))
+
+
+def add_temperatures(model) -> None:
+    """Give each attention module that lacks one a temperature of 1 per head."""
+    modules = attention_modules(model)
+    if not modules:
+        raise NotImplementedError(f"No attention modules found in {type(model).__name__} for per-head temperatures.")
+    for module in modules:
+        if not hasattr(module, ATTRIBUTE):
+            device = next(module.parameters(), torch.empty(0)).device
+            module.add_module(ATTRIBUTE, HeadTemperature(_num_heads(module), device))
+
+
+def remove_temperatures(model) -> None:
+    for module in attention_modules(model):
+        if ATTRIBUTE in module._modules:
+            del module._modules[ATTRIBUTE]
+
+
+def temperatures(model) -> torch.Tensor:
+    """(layers, heads) tensor of tau, for inspection and reports."""
+    return torch.stack([getattr(m, ATTRIBUTE)().detach().float().cpu() for m in attention_modules(model)
+                        if hasattr(m, ATTRIBUTE)])
+
+
+def _checkpoint_files(name_or_path: str, **kwargs) -> list[str]:
+    """The safetensors files of a local folder or hub checkpoint (hub files come from the cache)."""
+    folder = Path(name_or_path) / kwargs.get("subfolder", "")
+    if folder.is_dir():
+        return [str(f) for f in sorted(folder.glob("*.safetensors"))]
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+    index = cached_file(name_or_path, "model.safetensors.index.json",
+                        _raise_exceptions_for_missing_entries=False, **hub)
+    if index:
+        names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        return [cached_file(name_or_path, name, **hub) for name in names]
+    return [cached_file(name_or_path, "model.safetensors", **hub)]
+
+
+def load_temperatures(model, name_or_path: str, **kwargs) -> None:
+    """Copy the checkpoint's stored temperatures into ``model`` (patched with head_temperature=True)."""
+    from safetensors import safe_open
+
+    targets = {name: p for name, p in model.named_parameters() if name.endswith(SUFFIX)}
+    stored = {}
+    for file in _checkpoint_files(name_or_path, **kwargs):
+        with safe_open(file, framework="pt") as f:
+            stored.update({key: f.get_tensor(key) for key in f.keys() if key.endswith(SUFFIX)})
+    by_layer = {_layer_key(k): v for k, v in stored.items()}
+    missing = [name for name in targets if _layer_key(name) not in by_layer]
+    if missing:
+        raise ValueError(f"{name_or_path} is configured with per-head temperatures but stores none for "
+                         f"{len(missing)} attention modules (e.g. {missing[0]}): re-save it with lssa_hf.")
+    with torch.no_grad():
+        for name, param in targets.items():
+            param.copy_(by_layer[_layer_key(name)].to(param.dtype))
+
+
+def _layer_key(name: str) -> str:
+    """A state-dict name without the model-class prefix ("model.", "transformer.", ...): from the
+    first numbered component on, e.g. "layers.3.self_attn.lssa_temperature.log_temperature"."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[max(0, i - 1):])
+    return name
