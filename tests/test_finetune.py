@@ -240,3 +240,10 @@ def test_cli_overrides_take_yaml_values():
     assert values == {"attention": "lssa", "warm_start": False, "lr": "1e-3", "target_modules": ["q_proj", "k_proj"]}
     config = FinetuneConfig.from_yaml(None, **values)
     assert config.lr == 1e-3 and not config.warm_start  # YAML 1.1 reads 1e-3 as a string: converted
+
+
+def test_recipe_default_runs_the_softmax_baseline_without_temperatures():
+    recipe = ROOT / "recipes" / "adapt" / "configs" / "smollm2.yaml"
+    lssar = FinetuneConfig.from_yaml(recipe)
+    assert lssar.attention == "lssar" and lssar.head_temperature
+    assert not FinetuneConfig.from_yaml(recipe, attention="softmax").head_temperature  # softmax: no length scale

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 ATTENTIONS = ("softmax", "lssa", "lssar")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -38,7 +41,8 @@ class FinetuneConfig:
     target_modules: list | None = None
     train_norms: bool = True  # LSSA changes every layer's output statistics: let the norms follow
     train_embeddings: bool = False
-    # learned per-head multiplier of LSSA's length scale (lssa_hf.temperature), with its own LR
+    # learned per-head multiplier of LSSA's length scale (lssa_hf.temperature), with its own LR;
+    # LSSA only (turned off for attention "softmax", which has no length scale)
     head_temperature: bool = False
     temperature_lr: float = 2e-2
 
@@ -82,7 +86,9 @@ class FinetuneConfig:
         if self.eval_text is None and self.validation_fraction == 0:
             raise ValueError("Give eval_text or a validation_fraction > 0: validation loss needs held-out text.")
         if self.head_temperature and self.attention == "softmax":
-            raise ValueError("head_temperature scales LSSA's length scale: it needs attention 'lssa' or 'lssar'.")
+            # the recipe's LSSA default meets the --attention softmax baseline: softmax has no length scale
+            logger.info("head_temperature applies to LSSA only: off for the softmax baseline.")
+            self.head_temperature = False
         if self.warm_start and self.attention == "softmax":
             raise ValueError("The warm start matches LSSA layers to their softmax originals: it needs attention "
                              "'lssa' or 'lssar', not 'softmax'.")

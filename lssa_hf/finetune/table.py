@@ -143,8 +143,8 @@ def markdown(table: TableConfig, results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_table(table: TableConfig, only: list | None = None) -> str:
-    """Train and evaluate every row (or the rows named in ``only``); writes table.md and table.json."""
+def run_table(table: TableConfig, only: list | None = None, name: str = "table") -> str:
+    """Train and evaluate every row (or the rows named in ``only``); writes <name>.md and <name>.json."""
     results = {}
     for row in table.rows:
         if only and row["name"] not in only:
@@ -153,6 +153,6 @@ def run_table(table: TableConfig, only: list | None = None) -> str:
     text = markdown(table, results)
     out = Path(table.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(text + "\n")
-    (out / "table.json").write_text(json.dumps(results, indent=1))
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     return text

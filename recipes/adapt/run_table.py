@@ -16,9 +16,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", help="only these rows (by name)")
     parser.add_argument("--lengths", type=int, nargs="+", help="override the context lengths")
     parser.add_argument("--output-dir", help="override the output folder")
+    parser.add_argument("--name", default="table", help="file name of the written table (<name>.md, <name>.json)")
     args = parser.parse_args()
     table = TableConfig.from_yaml(args.config, lengths=args.lengths, output_dir=args.output_dir)
-    print(run_table(table, args.rows))
+    print(run_table(table, args.rows, args.name))
 
 
 if __name__ == "__main__":
