@@ -4,10 +4,10 @@
 # so finished lengths are saved even if a longer one runs out of time or memory.
 # CPU-sized defaults; on a GPU e.g.: LENGTHS="1 2 4 8 16" SAMPLES=10 WINDOWS=5 DEVICE=cuda bash $0
 set -euo pipefail
-LENGTHS=${LENGTHS:-"1 2 4"}          # thousands of tokens (tasks passkey_<k>k, ppl_<k>k)
-SAMPLES=${SAMPLES:-2}                # passkey documents per length (needle depths 0, .5, .25, .75, ...)
+LENGTHS=${LENGTHS:-"1 2 4 8 16"}     # thousands of tokens (tasks passkey_<k>k, ppl_<k>k)
+SAMPLES=${SAMPLES:-4}                # passkey documents per length (needle depths 0, .5, .25, .75, ...)
 WINDOWS=${WINDOWS:-1}                # perplexity windows per length
-TEXT=${TEXT-../shared/data/books/pg2701.txt}  # Moby Dick if present; a file, folder or dataset name
+TEXT=${TEXT-../shared/data/books/pg2701_moby_dick.txt}  # Moby Dick if present; a file, folder or dataset name
 [ -z "$TEXT" ] || [ -e "$TEXT" ] || TEXT=""   # "" = the built-in text (Python's documentation)
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-runs/lm_eval_smollm2}
