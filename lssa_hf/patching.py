@@ -103,6 +103,10 @@ def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
     """
     model_ = base_model(model)
     if head_temperature is None:
+        stored = LSSAConfig.of(model_.config)
+        if stored is not None and stored.head_temperature and not has_temperatures(model_):
+            raise ValueError("This checkpoint was saved with learned per-head temperatures, which are not loaded: "
+                             "load it with lssa_hf.from_pretrained(path), or pass head_temperature=False to drop them.")
         head_temperature = has_temperatures(model_)
     elif not head_temperature and has_temperatures(model_):
         raise ValueError("This model carries learned per-head temperatures; patch it with head_temperature=True "

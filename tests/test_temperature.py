@@ -83,6 +83,8 @@ def test_save_and_load_keep_learned_temperatures(tmp_path):
     bare = AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="lssa_hf.from_pretrained"):
         bare(ids())
+    with pytest.raises(ValueError, match="lssa_hf.from_pretrained"):  # re-patching must not drop them silently
+        lssa_hf.patch(bare, variant="lssar")
 
 
 def test_repatching_keeps_or_refuses_to_drop_learned_temperatures():
