@@ -104,21 +104,11 @@ def load_temperatures(model, name_or_path: str, **kwargs) -> None:
     for file in _checkpoint_files(name_or_path, **kwargs):
         with safe_open(file, framework="pt") as f:
             stored.update({key: f.get_tensor(key) for key in f.keys() if key.endswith(SUFFIX)})
-    by_layer = {_layer_key(k): v for k, v in stored.items()}
-    missing = [name for name in targets if _layer_key(name) not in by_layer]
+    missing = [name for name in targets if name not in stored]
     if missing:
         raise ValueError(f"{name_or_path} is configured with per-head temperatures but stores none for "
                          f"{len(missing)} attention modules (e.g. {missing[0]}): re-save it with lssa_hf.")
     with torch.no_grad():
         for name, param in targets.items():
-            param.copy_(by_layer[_layer_key(name)].to(param.dtype))
+            param.copy_(stored[name].to(param.dtype))
 
-
-def _layer_key(name: str) -> str:
-    """A state-dict name without the model-class prefix ("model.", "transformer.", ...): from the
-    first numbered component on, e.g. "layers.3.self_attn.lssa_temperature.log_temperature"."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[max(0, i - 1):])
-    return name
