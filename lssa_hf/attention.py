@@ -10,8 +10,9 @@ Backends (force one with ``backend=`` or the environment variable ``LSSA_BACKEND
   linear in L on every device. Dropout is not implemented there: ``dropout_p > 0`` always runs
   ``materialized``, which is only affordable for short sequences.
 * ``blocked_compiled``: the same kernel with its per-strip elementwise chains fused by
-  torch.compile (``kernels/compiled.py``); falls back to ``blocked`` maths if inductor cannot build.
-  ``LSSA_COMPILE=0`` disables compilation everywhere.
+  torch.compile (``kernels/compiled.py``) and, on AVX-512 CPUs, the LSSA forward pass in a native
+  C++ kernel (``kernels/native.py``); falls back to ``blocked`` maths if inductor cannot build.
+  ``LSSA_COMPILE=0`` disables compilation everywhere, ``LSSA_NATIVE=0`` the native kernel.
 * ``flex``: ``torch.nn.attention.flex_attention`` (``kernels/flex.py``); used where it is valid
   (see ``flex.supports``), otherwise the call runs ``blocked`` instead.
 

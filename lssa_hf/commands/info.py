@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import os
 
 
 def supported_model_types() -> tuple[list[str], list[str]]:
@@ -29,6 +30,12 @@ def version(name: str) -> str:
         return "not installed"
 
 
+def torch_cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def run(args) -> int:
     import lssa_hf
     from transformers import AttentionInterface
@@ -39,6 +46,11 @@ def run(args) -> int:
     print(f"{'backends':>13}: {', '.join(registered)} (attn_implementation=...)")
     from lssa_hf.attention import BACKENDS
     print(f"{'kernel paths':>13}: {', '.join(BACKENDS)} (force with LSSA_BACKEND=...)")
+    from lssa_hf.kernels import native
+    state = ("yes, built on first use" if native.supported() else
+             f"no (needs Linux and AVX-512; CPU capability {torch_cpu_capability()}, {native.NATIVE_ENV}="
+             f"{os.environ.get(native.NATIVE_ENV, '1')})")
+    print(f"{'native CPU':>13}: {state}")
     if args.models:
         supported, unsupported = supported_model_types()
         print(f"\nsupported causal LM model types ({len(supported)}):\n  " + ", ".join(supported))

@@ -27,7 +27,6 @@ import math
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from ..functional import DEFAULT_P, compute_dtype, head_factor, unit_qk
 
@@ -153,31 +152,63 @@ def _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work=None):
 # ---- per-strip elementwise math: plain torch, also compiled (fused) by ``compiled.py`` ----
 # s: (..., R, w) scores, -inf where masked. Row statistics are (..., R, 1).
 
-def fwd_lssa(s):
-    """Softplus weights, in place (s is a strip temporary). Not compiled: one pass is already
-    minimal, and the row sum comes from the ones column appended to v."""
+# log1p(e) / e on 0 <= e <= 1 as a degree-9 polynomial (Chebyshev fit in float64, lowest degree
+# first; ``tests/test_native.py`` refits it): max relative error 5e-9, below fp32 rounding.
+# ``_log1p`` uses it under torch.compile in fp32, where vectorised log1p is the costliest op of the
+# strip chains; eager and float64 keep torch.log1p.
+LOG1P_RATIO = (0.9999999953848526, -0.49999903992765343, 0.3333000403524574, -0.24954558871284532,
+               0.19678117257303596, -0.15311863104930332, 0.10614264691820346, -0.05706420081102007,
+               0.019907160954066302, -0.0032563784795137957)
+
+
+def _log1p(e):
+    """log1p(e) for 0 <= e <= 1 (e = exp(-|s|))."""
+    if not (torch.compiler.is_compiling() and e.dtype == torch.float32):
+        return torch.log1p(e)
+    r = e * LOG1P_RATIO[-1] + LOG1P_RATIO[-2]
+    for c in reversed(LOG1P_RATIO[:-2]):
+        r = r * e + c
+    return e * r
+
+
+def _softplus(s):
+    """relu(s) + log1p(exp(-|s|)): 0 where s = -inf (masked)."""
+    return torch.relu(s) + _log1p(torch.exp(-s.abs()))
+
+
+def softplus_(s):
+    """Softplus in place (s is a strip temporary)."""
+    if torch.compiler.is_compiling():
+        return s.copy_(_softplus(s))
     return torch._C._nn.softplus(s, 1.0, 20.0, out=s)
 
 
+def fwd_lssa(s, softplus=softplus_):
+    """Softplus weights (in place) and their row sum S. The sum is a separate eager pass: inductor's
+    fused version measured 2x slower than the softplus pass alone."""
+    w = softplus(s)
+    return w, w.sum(-1, keepdim=True)
+
+
 def fwd_lssar(s, alpha, p: float):
-    """Weights w = relu((sp - m) / scale)^p (sp on fallback rows), and m, 1/scale, fallback.
+    """Weights w = relu((sp - m) / scale)^p (sp on fallback rows), and W = sum w, m, 1/scale, fallback.
 
     alpha = [N > 3] / N, so m = alpha * S is the row mean (or 0); scale = max sp - m makes the
     largest weight 1. Fallback rows (all sp <= m: exactly uniform, or N = 0) keep LSSA weights."""
-    sp = F.softplus(s)
+    sp = _softplus(s)
     m = alpha * sp.sum(-1, keepdim=True)
     top = sp.amax(-1, keepdim=True)
     fallback = top <= m
     inv_scale = 1.0 / torch.where(fallback, 1.0, top - m)
     u = torch.relu((sp - m) * inv_scale)
     w = torch.where(fallback, sp, u.pow(p))
-    return w, m, inv_scale, fallback
+    return w, w.sum(-1, keepdim=True), m, inv_scale, fallback
 
 
 def _softplus_sigmoid(s):
-    """softplus(s) and sigmoid(s) from one exp(-|s|) (fused into one transcendental when compiled)."""
+    """softplus(s) and sigmoid(s) from one exp(-|s|)."""
     e = torch.exp(-s.abs())
-    sp = torch.relu(s) + torch.log1p(e)
+    sp = torch.relu(s) + _log1p(e)
     sig = torch.where(s >= 0, 1.0, e) / (1.0 + e)
     return sp, sig
 
@@ -207,7 +238,7 @@ def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, p: float):
 
 
 # the chains worth fusing (``compiled.py`` compiles exactly these)
-EAGER_OPS = {"fwd_lssar": fwd_lssar, "bwd_lssa": bwd_lssa, "bwd_lssar": bwd_lssar}
+EAGER_OPS = {"fwd_lssa": fwd_lssa, "fwd_lssar": fwd_lssar, "bwd_lssa": bwd_lssa, "bwd_lssar": bwd_lssar}
 
 
 class BlockedLSSA(torch.autograd.Function):
@@ -224,8 +255,6 @@ class BlockedLSSA(torch.autograd.Function):
         alpha5 = torch.where(n > 3, 1.0 / n.clamp_min(1).to(qs.dtype), 0.0)
         alpha5 = _rows(alpha5, b, hkv, g, lq)  # (B, Hkv, G, Lq)
         out = qs.new_zeros(b, hkv, g, lq, dv)
-        # a ones column on v: w @ [v, 1] yields the row sum of the weights with the output, for free
-        v1 = torch.cat([v, v.new_ones(b, hkv, lk, 1)], dim=-1)
         work = _workspace(qs, plan, hkv)
         nstat = 1 if variant == "lssa" else 4  # LSSA: S.  LSSAR: W, m, 1/scale, fallback
         stats = qs.new_zeros(nstat, b, hkv, g, lq)
@@ -240,17 +269,14 @@ class BlockedLSSA(torch.autograd.Function):
             bq = q1 - q0
             s, _ = _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work)
             if variant == "lssa":
-                w = fwd_lssa(s)
-                row_stats = ()
-            else:
-                w, m, inv_scale, fallback = ops["fwd_lssar"](s, rows(alpha5, q0, q1), p)
-                row_stats = (m, inv_scale, fallback)
+                w, *row_stats = ops["fwd_lssa"](s)  # row_stats: S
+            else:  # row_stats: W, m, 1/scale, fallback
+                w, *row_stats = ops["fwd_lssar"](s, rows(alpha5, q0, q1), p)
             del s
-            o = torch.matmul(w, v1[:, :, k0:k1])
-            total = o[..., dv:]
-            for i, x in enumerate((total, *row_stats)):
+            o = torch.matmul(w, v[:, :, k0:k1])  # S apart: a ones column on v made this GEMM slower
+            for i, x in enumerate(row_stats):
                 stats[i, :, :, :, q0:q1] = x.reshape(b, hkv, g, bq)
-            o = o[..., :dv] / total.clamp_min(torch.finfo(w.dtype).tiny)
+            o = o / row_stats[0].clamp_min(torch.finfo(w.dtype).tiny)
             out[:, :, :, q0:q1] = o.view(b, hkv, g, bq, dv)
             del w, o
         out = out.view(b, hq, lq, dv)

@@ -2,7 +2,9 @@
 
 The blocked kernel's time outside its matmuls is a chain of elementwise passes over each strip
 (softplus, sums, max, powers, sigmoid). Inductor fuses each chain into one or two vectorised loops.
-The functions compiled are exactly ``blocked.EAGER_OPS``, so the maths cannot drift.
+The functions compiled are exactly ``blocked.EAGER_OPS``, so the maths cannot drift; in fp32 they
+replace log1p by a polynomial (``blocked._log1p``, exact to fp32 rounding). LSSA's forward pass uses
+the native AVX-512 kernel instead where it runs (``native.py``).
 
 Compilation is lazy (first call), shape-dynamic (strip heights and widths vary; one graph serves all)
 and guarded: if inductor cannot build here (no compiler, unsupported platform) the eager functions
@@ -18,7 +20,7 @@ import os
 
 import torch
 
-from . import blocked
+from . import blocked, native
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +33,9 @@ def enabled() -> bool:
     return os.environ.get(COMPILE_ENV, "1") != "0" and hasattr(torch, "compile")
 
 
-def _wrap(name):
-    fn = blocked.EAGER_OPS[name]
+def _wrap(fn):
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    name = fn.__name__
 
     @functools.wraps(fn)
     def call(*args):
@@ -54,7 +56,11 @@ def compiled_ops() -> dict:
     if not enabled():
         return blocked.EAGER_OPS
     if not _compiled:
-        _compiled.update({name: _wrap(name) for name in blocked.EAGER_OPS})
+        _compiled.update({name: _wrap(fn) for name, fn in blocked.EAGER_OPS.items() if name != "fwd_lssa"})
+        # LSSA forward: the native kernel where it runs, else only the in-place softplus is compiled
+        # (see ``blocked.fwd_lssa``)
+        _compiled["fwd_lssa"] = native.lssa_forward(
+            functools.partial(blocked.fwd_lssa, softplus=_wrap(blocked.softplus_)))
     return _compiled
 
 
