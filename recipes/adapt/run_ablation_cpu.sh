@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What closes the gap to softmax + LoRA (recipes/adapt/configs/ablation-cpu.yaml): every row adapted
-# for 40 steps of 2 x 256 tokens (two rows for 120), evaluated at 256 and 1K; then rows at 4K and 16K (twice
-# SmolLM2's 8K window). One thread per process: two jobs on a small machine otherwise fight over
+# for 40 steps of 2 x 256 tokens (some pairs for 120, 360 or 720), evaluated at 256 and 1K; then
+# rows at 4K and 16K (twice SmolLM2's 8K window). One thread per process: two jobs on a small machine otherwise fight over
 # cores (OpenMP threads spin). Run from the repository root; models and cells are cached.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -9,3 +9,6 @@ CONFIG=recipes/adapt/configs/ablation-cpu.yaml
 python recipes/adapt/run_table.py --config $CONFIG
 python recipes/adapt/run_table.py --config $CONFIG --name table-long --lengths 256 1024 4096 16384 \
   --rows "softmax (original)" "softmax + LoRA" "LSSAR p=15 + LoRA" "LSSAR p=3 + LoRA + head temperature"
+# nine times the budget, up to 16K
+python recipes/adapt/run_table.py --config $CONFIG --name table-360-long --lengths 256 1024 4096 16384 \
+  --rows "softmax (original)" "softmax + LoRA (360 steps)" "LSSAR p=3 + LoRA + head temperature (360 steps)"
