@@ -2,7 +2,8 @@
 # What closes the gap to softmax + LoRA (recipes/adapt/configs/ablation-cpu.yaml): every row adapted
 # for 40 steps of 2 x 256 tokens (some pairs for 120, 360 or 720), evaluated at 256 and 1K; then
 # rows at 4K and 16K (twice SmolLM2's 8K window). One thread per process: two jobs on a small
-# machine otherwise fight over cores (OpenMP threads spin). Run from the repository root; models and cells are cached.
+# machine otherwise fight over cores (OpenMP threads spin). Run from the repository root; models
+# and cells are cached.
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CONFIG=recipes/adapt/configs/ablation-cpu.yaml
