@@ -1,7 +1,9 @@
 """The native CPU kernel (LSSA forward strip) and the fp32 log1p polynomial, against float64."""
 
 import math
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -108,6 +110,20 @@ def test_cpu_lssa_forward_uses_the_native_kernel(monkeypatch, mask_kind):
     assert (out.double() - want).abs().max().item() < 2e-5
 
 
+def test_native_builds_wherever_it_is_supported():
+    """Skipping the native tests must mean an unsupported machine, never a broken build."""
+    if native.supported() and shutil.which("c++"):
+        assert native.available()
+
+
 def test_native_env_switch(monkeypatch):
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     assert not native.supported()
+
+
+def test_ninja_wheel_is_used_without_an_activated_venv(monkeypatch):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    native._ninja_on_path()
+    assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]

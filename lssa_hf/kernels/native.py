@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,12 +40,24 @@ def module():
         return _module
     try:
         from torch.utils.cpp_extension import load
+        _ninja_on_path()
         _module = load("lssa_hf_softplus_avx512", [str(SOURCE)], extra_cflags=FLAGS,
                        extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler / ninja: the compiled path computes the same thing
         logger.warning("LSSA: native CPU kernel unavailable (%s); using the compiled strips.", err)
         _failed = True
     return _module
+
+
+def _ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) may sit in a virtual
+    environment that is not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def available() -> bool:
