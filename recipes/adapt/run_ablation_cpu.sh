@@ -13,3 +13,6 @@ python recipes/adapt/run_table.py --config $CONFIG --name table-long --lengths 2
 # nine times the budget, up to 16K
 python recipes/adapt/run_table.py --config $CONFIG --name table-360-long --lengths 256 1024 4096 16384 \
   --rows "softmax (original)" "softmax + LoRA (360 steps)" "LSSAR p=3 + LoRA + head temperature (360 steps)"
+# eighteen times the budget, up to 16K
+python recipes/adapt/run_table.py --config $CONFIG --name table-720-long --lengths 256 1024 4096 16384 \
+  --rows "softmax (original)" "softmax + LoRA (720 steps)" "LSSAR p=3 + LoRA + head temperature (720 steps)"
