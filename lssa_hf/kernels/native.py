@@ -2,10 +2,10 @@
 
 ``csrc/softplus_avx512.cpp`` overwrites a score strip with softplus and returns the row sums in one
 pass, about 3x faster than the inductor-compiled pass plus a sum (``benchmarks/softplus_pass.py``):
-LSSA's forward is two GEMMs and this pass. It is built with ``torch.utils.cpp_extension`` (a C++ compiler and ninja; cached under
-``TORCH_EXTENSIONS_DIR``) and used by the ``blocked_compiled`` path for fp32 CPU strips on Linux
-CPUs with AVX-512. Anywhere else, or if the build fails (logged once), the compiled ops run: the
-same maths. ``LSSA_NATIVE=0`` disables it.
+LSSA's forward is two GEMMs and this pass. It is built with ``torch.utils.cpp_extension`` (a C++
+compiler and ninja; cached under ``TORCH_EXTENSIONS_DIR``) and used by the ``blocked_compiled``
+path for fp32 CPU strips on Linux CPUs with AVX-512. Anywhere else, or if the build fails (logged
+once), the compiled ops run: the same maths. ``LSSA_NATIVE=0`` disables it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ NATIVE_ENV = "LSSA_NATIVE"  # "0" disables the native kernel
 SOURCE = Path(__file__).parent / "csrc" / "softplus_avx512.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-fopenmp"]  # OpenMP: at::parallel_for runs in threads
 _module = None
-_failed = False
+_unavailable = False  # unsupported here, or the build failed: decided once per process
 
 
 def supported() -> bool:
@@ -35,9 +35,12 @@ def supported() -> bool:
 
 def module():
     """The built extension, or None where unsupported or the build failed."""
-    global _module, _failed
-    if _module is not None or _failed or not supported():
+    global _module, _unavailable
+    if _module is not None or _unavailable:
         return _module
+    if not supported():  # checked once: this runs per strip
+        _unavailable = True
+        return None
     try:
         from torch.utils.cpp_extension import load
         _ninja_on_path()
@@ -45,7 +48,7 @@ def module():
                        extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler / ninja: the compiled path computes the same thing
         logger.warning("LSSA: native CPU kernel unavailable (%s); using the compiled strips.", err)
-        _failed = True
+        _unavailable = True
     return _module
 
 
