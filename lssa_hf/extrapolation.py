@@ -57,11 +57,17 @@ class ModelSpec:
 
 
 def load_spec(spec: ModelSpec, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) with the spec's attention in force. LSSA checkpoints load as LSSA."""
+    """(model, tokenizer) with the spec's attention in force. LSSA checkpoints load as LSSA; a
+    ``lssa-hf finetune`` output folder loads as its base model with its attention and merged adapter."""
+    from .finetune.train import RESULT, load_adapted
     from .models import load
     from .patching import is_patched, patch, settings_of, unpatch
 
-    model, tokenizer = load(spec.path, dtype=dtype)
+    if (Path(spec.path) / RESULT).exists():
+        model, tokenizer = load_adapted(spec.path)
+        model = model.to(dtype)
+    else:
+        model, tokenizer = load(spec.path, dtype=dtype)
     if spec.variant == "softmax":
         if is_patched(model):
             unpatch(model)
@@ -94,9 +100,14 @@ def position_losses(model, ids: torch.Tensor, length: int, batch_tokens: int = 8
     total = torch.zeros(length - 1, dtype=torch.float64)
     for chunk in tqdm(windows.split(max(1, batch_tokens // length)), desc=desc, leave=False):
         chunk = chunk.to(device)
-        logits = model(chunk).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
-        total += loss.sum(0).double().cpu()
+        logits = model(chunk).logits
+        # in slices of positions: a float copy and a log-softmax of 16K x 49K logits would be 6 GB more
+        for start in range(0, length - 1, 1024):
+            stop = min(start + 1024, length - 1)
+            loss = F.cross_entropy(logits[:, start:stop].float().transpose(1, 2), chunk[:, start + 1: stop + 1],
+                                   reduction="none")
+            total[start:stop] += loss.sum(0).double().cpu()
+        del logits
     return total / n
 
 
@@ -120,7 +131,8 @@ def extrapolate(specs: list, text: str, train_length: int, factors=(1, 2, 4, 8, 
     """Evaluate every spec at lengths ``train_length * factors`` on the same held-out tokens.
 
     Returns {"lengths": [...], "train_length": T, "n_tokens": {label: N}, "models": {label: {"attention": str,
-    "all": [loss per length], "last": [...], "context": ``context_profile`` at the first length}}};
+    "all": [loss per length], "last": [...], "context": ``context_profile`` at the first length,
+    "context_longest": the same at the last length}}};
     NaN where a model cannot take a length (e.g. learned absolute positions shorter than it).
     """
     from tqdm.auto import tqdm
@@ -144,6 +156,8 @@ def extrapolate(specs: list, text: str, train_length: int, factors=(1, 2, 4, 8, 
                 values = summarise(per_position, train_length)
                 if length == lengths[0]:
                     row["context"] = context_profile(per_position)
+                if length == lengths[-1] and length != lengths[0]:
+                    row["context_longest"] = context_profile(per_position)
             except (IndexError, RuntimeError, ValueError) as error:  # e.g. GPT-2's 1024 learned positions
                 print(f"warning: {spec.name()} cannot run at length {length}: {str(error).splitlines()[0]}")
                 values = {"all": math.nan, "last": math.nan}
@@ -170,9 +184,10 @@ def format_table(results: dict, metric: str = "all") -> str:
     return "\n".join([head, rule, *rows])
 
 
-def format_context_table(results: dict) -> str:
-    """Markdown table of loss by context size at the first length (see ``context_profile``)."""
-    rows = {label: row["context"] for label, row in results["models"].items() if "context" in row}
+def format_context_table(results: dict, key: str = "context") -> str:
+    """Markdown table of loss by context size at the first length (see ``context_profile``), or at
+    the last one with ``key="context_longest"``."""
+    rows = {label: row[key] for label, row in results["models"].items() if key in row}
     if not rows:
         return ""
     bins = next(iter(rows.values()))["bins"]

@@ -132,6 +132,25 @@ def test_learned_temperatures_train_save_and_reload_everywhere(checkpoint, tmp_p
     torch.testing.assert_close(temperatures(lm.model), tau)
 
 
+def test_extrapolate_evaluates_a_finetune_output_folder(checkpoint, tmp_path):
+    """`lssa-hf extrapolate RUN_FOLDER`: the base model with the run's attention, temperatures and adapter."""
+    from lssa_hf.data import tokenize
+    from lssa_hf.extrapolation import ModelSpec, extrapolate
+
+    cfg = config(checkpoint, tmp_path, attention="lssar", p=3.0, head_temperature=True, temperature_lr=0.2,
+                 max_steps=2)
+    model, tokenizer, _ = adapt(cfg)
+    text = TEXT.read_text()[:20_000]
+    results = extrapolate([ModelSpec(str(tmp_path), label="run")], text, 32, factors=(1, 4), n_tokens=512)
+    row = results["models"]["run"]
+    assert row["attention"] == "lssar p=3"
+    windows = tokenize(tokenizer, text)[:512].view(4, 128)
+    with torch.no_grad():
+        want = model.eval()(windows, labels=windows).loss.item()
+    assert row["all"][1] == pytest.approx(want, rel=1e-5)
+    assert row["context_longest"]["bins"] == ["1", "2-4", "5-16", "17-64", "65-127"]
+
+
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(checkpoint, tmp_path):
     from safetensors.torch import load_file
 

@@ -40,6 +40,9 @@ def run(args) -> int:
         print(f"\nvalidation loss, mean over {what}:\n{format_table(results, metric)}")
     print(f"\nvalidation loss at length {results['lengths'][0]} by context size (tokens seen), i.e. how much of "
           f"its window each model uses:\n{format_context_table(results)}")
+    longest = format_context_table(results, "context_longest")
+    if longest:
+        print(f"\nvalidation loss at length {results['lengths'][-1]} by context size (tokens seen):\n{longest}")
     if args.json:
         save_json(results, args.json)
     if args.plot:
@@ -51,8 +54,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("extrapolate", help="loss at T..16T context: length extrapolation table + plot",
                                    description=__doc__)
     parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="checkpoint folder, hub name or .gguf, optionally PATH@softmax|lssa|lssar[:P] to "
-                             "override its attention and PATH...=LABEL to name it")
+                        help="checkpoint folder, hub name, .gguf or `lssa-hf finetune` output folder, optionally "
+                             "PATH@softmax|lssa|lssar[:P] to override its attention and PATH...=LABEL to name it")
     parser.add_argument("--variant", choices=OVERRIDES, help="attention override for models without @...")
     parser.add_argument("--p", type=float, help="LSSAR power override for models without @...:P")
     parser.add_argument("--text", default=None, help="held-out text: file, folder or dataset name[:config] "

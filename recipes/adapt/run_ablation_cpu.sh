@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What closes the gap to softmax + LoRA (recipes/adapt/configs/ablation-cpu.yaml): every row adapted
-# for 40 steps of 2 x 256 tokens (some pairs for 120, 360 or 720), evaluated at 256 and 1K; then
-# rows at 4K and 16K (twice SmolLM2's 8K window). One thread per process: two jobs on a small
+# for 40 steps of 2 x 256 tokens (some pairs for 120, 360 or 720, one pair on 1K-token blocks),
+# evaluated at 256 and 1K; then rows at 4K and 16K (twice SmolLM2's 8K window). One thread per process: two jobs on a small
 # machine otherwise fight over cores (OpenMP threads spin). Run from the repository root; models
 # and cells are cached.
 set -euo pipefail
@@ -16,3 +16,12 @@ python recipes/adapt/run_table.py --config $CONFIG --name table-360-long --lengt
 # eighteen times the budget, up to 16K
 python recipes/adapt/run_table.py --config $CONFIG --name table-720-long --lengths 256 1024 4096 16384 \
   --rows "softmax (original)" "softmax + LoRA (720 steps)" "LSSAR p=3 + LoRA + head temperature (720 steps)"
+# the 720-step budget (369K tokens) in 1K-token blocks, up to 16K
+python recipes/adapt/run_table.py --config $CONFIG --name table-1k-long --lengths 256 1024 4096 16384 \
+  --rows "softmax (original)" "softmax + LoRA (1K blocks)" "LSSAR p=3 + LoRA + head temperature (1K blocks)"
+# where in a 16K window each model loses: loss by context size (tokens seen) on one WikiText-2 window;
+# run folders are named by a hash of their row's settings (these are the 720-step pair)
+RUNS=runs/adapt/ablation-cpu/runs
+lssa-hf extrapolate smollm2="softmax (original)" $RUNS/softmax-1aab3b5e="softmax + LoRA (720 steps)" \
+  $RUNS/lssar-p3-bf2afcb8="LSSAR (720 steps)" --text ../shared/data/wikitext-2-raw/wiki.test.raw \
+  --train-length 256 --factors 1 64 --tokens 16384 --threads 1
