@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ("all", "last")
+LOSS_SLICE = 1024  # positions per cross-entropy call in ``position_losses``
 OVERRIDES = ("softmax", "lssa", "lssar")
 
 
@@ -102,8 +103,8 @@ def position_losses(model, ids: torch.Tensor, length: int, batch_tokens: int = 8
         chunk = chunk.to(device)
         logits = model(chunk).logits
         # in slices of positions: a float copy and a log-softmax of 16K x 49K logits would be 6 GB more
-        for start in range(0, length - 1, 1024):
-            stop = min(start + 1024, length - 1)
+        for start in range(0, length - 1, LOSS_SLICE):
+            stop = min(start + LOSS_SLICE, length - 1)
             loss = F.cross_entropy(logits[:, start:stop].float().transpose(1, 2), chunk[:, start + 1: stop + 1],
                                    reduction="none")
             total[start:stop] += loss.sum(0).double().cpu()

@@ -11,7 +11,8 @@ import lssa_hf
 from lssa_hf.cli import main
 from lssa_hf.data import builtin_text
 from lssa_hf.models import load
-from lssa_hf.extrapolation import ModelSpec, extrapolate, format_table, plot
+from lssa_hf import extrapolation
+from lssa_hf.extrapolation import ModelSpec, extrapolate, format_table, plot, position_losses
 from lssa_hf.pretrain import PretrainConfig, batches, pretrain
 
 T = 32
@@ -76,6 +77,20 @@ def test_extrapolation_table_and_plot(trained, tmp_path):
     assert "| 128 (4T) |" in table.splitlines()[0] and len(table.splitlines()) == 2 + len(specs)
     png = plot(results, tmp_path / "plot.png")
     assert png.stat().st_size > 1000
+
+
+def test_position_losses_in_slices_equal_one_cross_entropy(trained, monkeypatch):
+    """Per-position loss computed in slices of positions (memory) equals the plain computation."""
+    root, held_out, paths = trained
+    model, tokenizer = load(str(paths["lssar"]))
+    ids = lssa_hf.data.tokenize(tokenizer, held_out.read_text())[: 3 * 4 * T]
+    monkeypatch.setattr(extrapolation, "LOSS_SLICE", 7)  # slices that do not divide 4T - 1
+    got = position_losses(model, ids, 4 * T, batch_tokens=2 * 4 * T)
+    windows = ids.view(3, 4 * T)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(0)
+    torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_handles_any_causal_lm(trained, tmp_path, capsys):

@@ -19,6 +19,11 @@ python recipes/adapt/run_table.py --config $CONFIG --name table-720-long --lengt
 # the 720-step budget (369K tokens) in 1K-token blocks, up to 16K
 python recipes/adapt/run_table.py --config $CONFIG --name table-1k-long --lengths 256 1024 4096 16384 \
   --rows "softmax (original)" "softmax + LoRA (1K blocks)" "LSSAR p=3 + LoRA + head temperature (1K blocks)"
+# a sharper re-weighting: p=6 against p=3 at the 360-step budget, and on 1K-token blocks
+python recipes/adapt/run_table.py --config $CONFIG --name table-p6-long --lengths 256 1024 4096 16384 \
+  --rows "softmax (original)" "softmax + LoRA (360 steps)" "LSSAR p=3 + LoRA + head temperature (360 steps)" \
+  "LSSAR p=6 + LoRA + head temperature (360 steps)" "softmax + LoRA (1K blocks)" \
+  "LSSAR p=3 + LoRA + head temperature (1K blocks)" "LSSAR p=6 + LoRA + head temperature (1K blocks)"
 # where in a 16K window each model loses: loss by context size (tokens seen) on one WikiText-2 window;
 # run folders are named by a hash of their row's settings (these are the 720-step pair)
 RUNS=runs/adapt/ablation-cpu/runs
