@@ -151,6 +151,46 @@ def test_extrapolate_evaluates_a_finetune_output_folder(checkpoint, tmp_path):
     assert row["context_longest"]["bins"] == ["1", "2-4", "5-16", "17-64", "65-127"]
 
 
+def test_p_schedule_sets_p_before_every_step_and_saves_the_final_p(checkpoint, tmp_path, monkeypatch):
+    from lssa_hf.integrations import hf_attention
+
+    seen = []  # (training?, p) of every attention call
+
+    def recording(query, key, value, mask, **kwargs):
+        seen.append((torch.is_grad_enabled(), kwargs["p"]))
+        return real(query, key, value, mask, **kwargs)
+
+    real = hf_attention.lssa_attention
+    monkeypatch.setattr(hf_attention, "lssa_attention", recording)
+    cfg = config(checkpoint, tmp_path, attention="lssar", p=3.0, p_schedule=[[0, 1], [4, 3]], head_temperature=True)
+    result = finetune(cfg)
+    layers = 2
+    trained = [p for grad, p in seen if grad][::layers]
+    assert trained == [1.0, 1.5, 2.0, 2.5, 3.0, 3.0]  # linear from step 0 to 4, then constant
+    assert {p for grad, p in seen if not grad} == {3.0}  # the final evaluation: the saved p
+    assert result["config"]["p_schedule"] == [[0, 1.0], [4, 3.0]]
+    monkeypatch.undo()
+    model, _ = load_adapted(tmp_path, merge=False)
+    assert lssa_hf.settings_of(model).p == 3.0
+
+
+def test_p_schedule_is_piecewise_linear_and_rejects_what_it_cannot_do():
+    from lssa_hf.finetune.schedule import power_at
+
+    points = [(10, 3.0), (20, 3.0), (30, 6.0)]
+    assert [power_at(points, s) for s in (0, 10, 15, 20, 25, 30, 99)] == [3.0, 3.0, 3.0, 3.0, 4.5, 6.0, 6.0]
+    ok = dict(attention="lssar", p=6, max_steps=40)
+    assert FinetuneConfig(**ok, p_schedule=[[0, 3], [30, 6]]).first_p == 3.0
+    assert FinetuneConfig(**ok).first_p == 6.0
+    bad = {"ends at p=5": [[0, 3], [30, 5]], "increase strictly": [[10, 3], [10, 6]],
+           "after max_steps": [[0, 3], [50, 6]], "> 0": [[0, 0], [30, 6]], "pairs": [3, 6], "empty": []}
+    for message, schedule in bad.items():
+        with pytest.raises(ValueError, match=message):
+            FinetuneConfig(**ok, p_schedule=schedule)
+    with pytest.raises(ValueError, match="attention 'lssar'"):
+        FinetuneConfig(attention="lssa", p_schedule=[[0, 3], [30, 6]])
+
+
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(checkpoint, tmp_path):
     from safetensors.torch import load_file
 
@@ -249,16 +289,23 @@ def test_results_table_trains_picks_the_best_p_and_caches(checkpoint, tmp_path):
     assert [p.stat().st_mtime_ns for p in cached if p.name != "table.json"] == stamps
 
 
-def test_cli_overrides_take_yaml_values():
+def test_cli_overrides_take_yaml_values(tmp_path):
     from lssa_hf.cli import build_parser
-    from lssa_hf.commands.finetune import overrides
+    from lssa_hf.commands.finetune import overrides, settings
 
-    args = build_parser().parse_args(["finetune", "--attention", "lssa", "--no-warm-start", "--set", "lr=1e-3",
-                                      "target_modules=[q_proj, k_proj]", "eval-text=null"])
-    values = {k: v for k, v in overrides(args).items() if v is not None}
-    assert values == {"attention": "lssa", "warm_start": False, "lr": "1e-3", "target_modules": ["q_proj", "k_proj"]}
-    config = FinetuneConfig.from_yaml(None, **values)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("p: 6\np_schedule: [[0, 3], [100, 6]]\neval_text: held_out.txt\nseed: 5\n")
+    args = build_parser().parse_args(["finetune", "--config", str(yaml_file), "--attention", "lssa", "--no-warm-start",
+                                      "--p", "3", "--set", "lr=1e-3", "target_modules=[q_proj, k_proj]",
+                                      "eval-text=null", "p_schedule=null"])
+    assert {k: v for k, v in overrides(args).items() if v is not None} == {"attention": "lssa", "warm_start": False,
+                                                                          "p": 3.0}
+    assert settings(args) == {"lr": "1e-3", "target_modules": ["q_proj", "k_proj"], "eval_text": None,
+                              "p_schedule": None}
+    config = FinetuneConfig.from_yaml(args.config, settings(args), **overrides(args))
     assert config.lr == 1e-3 and not config.warm_start  # YAML 1.1 reads 1e-3 as a string: converted
+    assert config.p == 3.0 and config.seed == 5  # flags given replace YAML values, the others stay
+    assert config.eval_text is None and config.p_schedule is None  # --set null replaces a YAML value
 
 
 def test_recipe_default_runs_the_softmax_baseline_without_temperatures():

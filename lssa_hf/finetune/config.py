@@ -6,6 +6,8 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .schedule import check_schedule
+
 logger = logging.getLogger(__name__)
 
 ATTENTIONS = ("softmax", "lssa", "lssar")
@@ -19,6 +21,8 @@ class FinetuneConfig:
     model: str = "smollm2"  # hub name, folder, .gguf file or "smollm2" (offline default)
     attention: str = "lssar"  # the attention trained *and* evaluated: re-weighting must be seen in training
     p: float = 15.0
+    # LSSAR only: [[step, p], ...], piecewise linear, ending at `p` (finetune/schedule.py); None = constant p
+    p_schedule: list | None = None
     output_dir: str = "runs/adapt/lssar"
     seed: int = 0
     dtype: str = "float32"  # weights as loaded; mixed precision is `precision`
@@ -93,14 +97,26 @@ class FinetuneConfig:
             raise ValueError("The warm start matches LSSA layers to their softmax originals: it needs attention "
                              "'lssa' or 'lssar', not 'softmax'.")
         self.p = float(self.p)
+        if self.p_schedule is not None:
+            if self.attention != "lssar":
+                raise ValueError(f"p_schedule sets LSSAR's re-weighting power; attention {self.attention!r} has none: "
+                                 "use attention 'lssar' or drop p_schedule.")
+            self.p_schedule = [list(point) for point in check_schedule(self.p_schedule, self.p, self.max_steps)]
+
+    @property
+    def first_p(self) -> float:
+        """The p training starts with (the schedule's first value, else ``p``)."""
+        return self.p_schedule[0][1] if self.p_schedule else self.p
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None, **overrides) -> "FinetuneConfig":
-        """The YAML file's settings (none if ``path`` is None) with non-None ``overrides`` on top."""
+    def from_yaml(cls, path: str | Path | None, settings: dict | None = None, **overrides) -> "FinetuneConfig":
+        """The YAML file's settings (none if ``path`` is None), then the non-None ``overrides`` (command-line
+        flags not given are None), then ``settings`` as given, None included (``--set p_schedule=null``)."""
         import yaml
 
         values = (yaml.safe_load(Path(path).read_text()) or {}) if path else {}
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values.update(settings or {})
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"Unknown settings {sorted(unknown)}; valid: {sorted(f.name for f in fields(cls))}.")

@@ -21,6 +21,7 @@ from .config import FinetuneConfig
 from .data import build_datasets
 from .lora import add_lora, attention_targets
 from .optim import AdaptTrainer
+from .schedule import PowerSchedule, check_schedule
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
 
 RESULT = "finetune.json"
@@ -71,7 +72,7 @@ def build_model(config: FinetuneConfig):
     model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype))
     drop_gguf_marker(model)
     if config.attention != "softmax":
-        patch(model, variant=config.attention, p=config.p, head_temperature=config.head_temperature)
+        patch(model, variant=config.attention, p=config.first_p, head_temperature=config.head_temperature)
     set_seed(config.seed)  # LoRA A matrices are drawn here: same init for every attention
     model = add_lora(model, config)
     if config.gradient_checkpointing:
@@ -155,6 +156,8 @@ def adapt(config: FinetuneConfig):
     trainer = AdaptTrainer(model=model, args=training_args(config, out / "checkpoints", config.max_steps, config.lr,
                                                            config.warmup_steps),
                            train_dataset=train, eval_dataset=valid, temperature_lr=config.temperature_lr)
+    if config.p_schedule:
+        trainer.add_callback(PowerSchedule(check_schedule(config.p_schedule, config.p, config.max_steps)))
     start = time.time()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - start
