@@ -201,6 +201,9 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(checkpoint, t
     shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-2", resumed / "checkpoint-2")  # "killed" at 2
     result = finetune(config(checkpoint, tmp_path / "resumed", max_steps=4, save_steps=2))
     assert result["resumed_from"].endswith("checkpoint-2") and result["steps"] == 4
+    stored = json.loads((resumed / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]
+    before = stored["WallClock"]["attributes"]["seconds"]
+    assert 0 < before < result["seconds"] and result["seconds_complete"]  # the killed run's time is counted
     want = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
     got = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert want.keys() == got.keys()
@@ -250,6 +253,24 @@ def test_default_targets_per_architecture(name, targets, qk):
     assert not any("mlp" in w for w in wrapped)  # GPT-2's MLP has a c_proj too
     assert any("modules_to_save" in n for n, p in lora.named_parameters() if p.requires_grad)  # norms
     assert lssa_hf.is_patched(lora)
+
+
+def test_a_checkpoint_without_its_training_time_marks_the_cost_incomplete(checkpoint, tmp_path):
+    from lssa_hf.finetune.table import train_time, training_cost
+
+    finetune(config(checkpoint, tmp_path, max_steps=2, save_steps=1, save_total_limit=None))
+    state_file = tmp_path / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["WallClock"]  # as written before the time was checkpointed
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "checkpoints" / "checkpoint-2")
+    result = finetune(config(checkpoint, tmp_path, max_steps=2, save_steps=1, save_total_limit=None))
+    assert result["resumed_from"].endswith("checkpoint-1") and not result["seconds_complete"]
+    cost = training_cost(result)
+    assert not cost["seconds_complete"] and train_time(cost).startswith("≥ ")
+    old_format = {k: v for k, v in result.items() if k != "seconds_complete"}  # finetune.json of an older run
+    assert not training_cost(old_format)["seconds_complete"]
+    assert training_cost({**old_format, "resumed_from": None})["seconds_complete"]
 
 
 def test_config_rejects_unknown_settings(tmp_path):

@@ -80,17 +80,24 @@ def train_row(table: TableConfig, row: dict) -> tuple[Path, dict]:
     return min(runs, key=lambda run: run[1]["eval_loss"])
 
 
+def training_cost(result: dict) -> dict:
+    """A trained row's cost from its finetune.json; the warm start is part of it."""
+    cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
+    warm = result.get("warm_start") or {}
+    for k in ("steps", "tokens", "seconds"):
+        cost[k] += warm.get(k, 0)
+    # runs from before the time was checkpointed: a resumed one only knows its last process's time
+    complete = result.get("seconds_complete", result.get("resumed_from") is None)
+    return {**cost, "seconds_complete": complete and warm.get("seconds_complete", True),
+            "attention": result["config"]["attention"], "p": result["config"]["p"], "eval_loss": result["eval_loss"]}
+
+
 def row_model(table: TableConfig, row: dict):
     """(model, tokenizer, cost dict) for a row."""
     if row.get("train", True):
         folder, result = train_row(table, row)
         model, tokenizer = load_adapted(folder)
-        cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
-        warm = result.get("warm_start") or {}
-        for k in ("steps", "tokens", "seconds"):  # the warm start is part of the adaptation's cost
-            cost[k] += warm.get(k, 0)
-        return model, tokenizer, {**cost, "attention": result["config"]["attention"], "p": result["config"]["p"],
-                                  "eval_loss": result["eval_loss"]}
+        return model, tokenizer, training_cost(result)
     base = {**table.base, **{k: v for k, v in row.items() if k not in ("name", "train")}}
     model, tokenizer = load(base.get("model", "smollm2"))
     if base.get("attention", "softmax") != "softmax":
@@ -106,6 +113,8 @@ def evaluate_row(table: TableConfig, row: dict) -> dict:
     todo = [(label, n) for label in table.eval_text for n in table.lengths
             if str(n) not in cached["loss"].get(label, {})]
     if not todo and "cost" in cached:
+        if row.get("train", True):  # reading finetune.json is cheap: keep the cost current
+            cached["cost"] = training_cost(train_row(table, row)[1])
         return cached
     model, tokenizer, cost = row_model(table, row)
     cached["cost"] = cost
@@ -126,6 +135,13 @@ def evaluate_row(table: TableConfig, row: dict) -> dict:
     return cached
 
 
+def train_time(cost: dict) -> str:
+    if not cost["steps"]:
+        return "-"  # not trained
+    at_least = "" if cost.get("seconds_complete", True) else "≥ "  # resumed, earlier time not recorded
+    return f"{at_least}{cost['seconds'] / 60:.1f} min"
+
+
 def markdown(table: TableConfig, results: dict) -> str:
     labels = list(table.eval_text)
     head = ["row", "p", "steps", "tokens", "train time"] + [f"{label} @{n}" for label in labels for n in table.lengths]
@@ -134,7 +150,7 @@ def markdown(table: TableConfig, results: dict) -> str:
         cost = res["cost"]
         p = f"{cost['p']:g}" if cost.get("attention") == "lssar" else ""
         cells = [name, p, str(cost["steps"]),
-                 f"{cost['tokens']:,}", f"{cost['seconds'] / 60:.1f} min" if cost["seconds"] else "-"]
+                 f"{cost['tokens']:,}", train_time(cost)]
         for label in labels:
             for n in table.lengths:
                 loss = res["loss"].get(label, {}).get(str(n))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..patching import patch
 from .config import FinetuneConfig
 from .data import build_datasets
 from .lora import add_lora, attention_targets
+from .clock import WallClock, wall_clock
 from .optim import AdaptTrainer
 from .schedule import PowerSchedule, check_schedule
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
@@ -49,7 +49,8 @@ def training_args(config: FinetuneConfig, folder: Path, steps: int, lr: float, w
         save_total_limit=config.save_total_limit, seed=config.seed, data_seed=config.seed,
         activation_checkpointing=config.gradient_checkpointing, report_to="none", disable_tqdm=not config.progress,
         remove_unused_columns=False, prediction_loss_only=True, dataloader_drop_last=True,
-        ddp_find_unused_parameters=False, **precision_flags(config.precision),
+        ddp_find_unused_parameters=False, restore_callback_states_from_checkpoint=True,  # the WallClock's time
+        **precision_flags(config.precision),
     )
 
 
@@ -86,10 +87,10 @@ def last_checkpoint(folder: Path) -> str | None:
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
-def _cost(trainer, config: FinetuneConfig, seconds: float, steps: int) -> dict:
-    world = trainer.args.world_size
+def _cost(trainer, config: FinetuneConfig) -> dict:
+    world, steps, clock = trainer.args.world_size, trainer.state.global_step, wall_clock(trainer)
     return {"steps": steps, "tokens": steps * config.batch_size * config.grad_accum * world * config.block_size,
-            "processes": world, "seconds": round(seconds, 1)}
+            "processes": world, "seconds": round(clock.total(), 1), "seconds_complete": clock.complete}
 
 
 def _losses(trainer, key: str) -> list:
@@ -107,17 +108,15 @@ def warm_start(model, config: FinetuneConfig, train, valid, out: Path) -> dict:
                          config.warm_start_steps, config.warm_start_lr,
                          warmup=min(config.warmup_steps, config.warm_start_steps // 10))
     trainer = AttentionTransferTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
-                                       temperature_lr=config.temperature_lr)
-    start = time.time()
+                                       temperature_lr=config.temperature_lr, callbacks=[WallClock()])
     try:
         resume = last_checkpoint(folder / "checkpoints") if config.resume else None
         trainer.train(resume_from_checkpoint=resume)
     finally:
         trainer.close()
-    seconds = time.time() - start
     after = layer_mse(model, valid)
     restore(model, flags)
-    result = {"targets": qk, **_cost(trainer, config, seconds, trainer.state.global_step),
+    result = {"targets": qk, **_cost(trainer, config),
               "layer_mse_before": [round(x, 6) for x in before], "layer_mse_after": [round(x, 6) for x in after],
               "train_loss": _losses(trainer, "loss")}
     if trainer.is_world_process_zero():
@@ -155,14 +154,13 @@ def adapt(config: FinetuneConfig):
 
     trainer = AdaptTrainer(model=model, args=training_args(config, out / "checkpoints", config.max_steps, config.lr,
                                                            config.warmup_steps),
-                           train_dataset=train, eval_dataset=valid, temperature_lr=config.temperature_lr)
+                           train_dataset=train, eval_dataset=valid, temperature_lr=config.temperature_lr,
+                           callbacks=[WallClock()])
     if config.p_schedule:
         trainer.add_callback(PowerSchedule(check_schedule(config.p_schedule, config.p, config.max_steps)))
-    start = time.time()
     trainer.train(resume_from_checkpoint=resume)
-    seconds = time.time() - start
+    result.update(_cost(trainer, config))  # before the final evaluation: training time only
     final = trainer.evaluate()["eval_loss"]
-    result.update(_cost(trainer, config, seconds, trainer.state.global_step))
     result.update(resumed_from=resume, eval_loss=round(final, 4), eval_ppl=round(math.exp(final), 3),
                   train_loss=_losses(trainer, "loss"), eval=_losses(trainer, "eval_loss"))
     if trainer.is_world_process_zero():
