@@ -273,6 +273,32 @@ def test_a_checkpoint_without_its_training_time_marks_the_cost_incomplete(checkp
     assert training_cost({**old_format, "resumed_from": None})["seconds_complete"]
 
 
+def test_init_adapter_continues_a_finished_run_and_adds_its_cost(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    from lssa_hf.finetune.table import training_cost
+
+    first = finetune(config(checkpoint, tmp_path / "first", attention="lssar", p=3.0, head_temperature=True))
+    weights = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
+    cont = config(checkpoint, tmp_path / "cont", attention="lssar", p=3.0, head_temperature=True, max_steps=2,
+                  lr=0.0, temperature_lr=0.0, warmup_steps=0, init_adapter=str(tmp_path / "first"))
+    result = finetune(cont)  # learning rates 0: nothing moves, so the saved adapter is the first run's
+    got = load_file(tmp_path / "cont" / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == weights.keys() and any("lssa_temperature" in k for k in got)
+    for key in weights:
+        torch.testing.assert_close(got[key], weights[key])
+    assert result["eval_loss"] == pytest.approx(first["eval_loss"], abs=1e-4)
+    cost = training_cost(result)
+    assert cost["steps"] == 6 + 2 and cost["tokens"] == (6 + 2) * 4 * 32 and cost["seconds_complete"]
+    with pytest.raises(ValueError, match="lora_r"):
+        finetune(config(checkpoint, tmp_path / "bad", attention="lssar", p=3.0, head_temperature=True, lora_r=2,
+                        init_adapter=str(tmp_path / "first")))
+    with pytest.raises(ValueError, match="unexpected"):  # no temperatures here: the first run's do not fit
+        finetune(config(checkpoint, tmp_path / "bad1", attention="lssar", p=3.0, init_adapter=str(tmp_path / "first")))
+    with pytest.raises(FileNotFoundError, match="finished"):
+        finetune(config(checkpoint, tmp_path / "bad2", init_adapter=str(tmp_path / "nothing")))
+
+
 def test_config_rejects_unknown_settings(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("attention: lssar\nlearning_rate: 1\n")

@@ -45,6 +45,8 @@ class FinetuneConfig:
     target_modules: list | None = None
     train_norms: bool = True  # LSSA changes every layer's output statistics: let the norms follow
     train_embeddings: bool = False
+    # continue a finished run: its output folder (adapter/ and finetune.json); its cost is added to this run's
+    init_adapter: str | None = None
     # learned per-head multiplier of LSSA's length scale (lssa_hf.temperature), with its own LR;
     # LSSA only (turned off for attention "softmax", which has no length scale)
     head_temperature: bool = False

@@ -81,14 +81,15 @@ def train_row(table: TableConfig, row: dict) -> tuple[Path, dict]:
 
 
 def training_cost(result: dict) -> dict:
-    """A trained row's cost from its finetune.json; the warm start is part of it."""
+    """A trained row's cost from its finetune.json; a warm start and a continued run are part of it."""
     cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
-    warm = result.get("warm_start") or {}
-    for k in ("steps", "tokens", "seconds"):
-        cost[k] += warm.get(k, 0)
     # runs from before the time was checkpointed: a resumed one only knows its last process's time
     complete = result.get("seconds_complete", result.get("resumed_from") is None)
-    return {**cost, "seconds_complete": complete and warm.get("seconds_complete", True),
+    for earlier in (result.get("warm_start") or {}, result.get("init_adapter") or {}):  # a continued run too
+        for k in ("steps", "tokens", "seconds"):
+            cost[k] += earlier.get(k, 0)
+        complete = complete and earlier.get("seconds_complete", True)
+    return {**cost, "seconds_complete": complete,
             "attention": result["config"]["attention"], "p": result["config"]["p"], "eval_loss": result["eval_loss"]}
 
 

@@ -76,9 +76,46 @@ def build_model(config: FinetuneConfig):
         patch(model, variant=config.attention, p=config.first_p, head_temperature=config.head_temperature)
     set_seed(config.seed)  # LoRA A matrices are drawn here: same init for every attention
     model = add_lora(model, config)
+    if config.init_adapter:
+        load_adapter_weights(model, config.init_adapter)
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     return model, tokenizer
+
+
+def load_adapter_weights(model, run: str | Path) -> None:
+    """Start from a finished run's adapter (LoRA, trained norms, temperatures): every tensor must fit."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    folder = Path(run) / "adapter"
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"init_adapter: no adapter in {folder}; give the output_dir of a finished "
+                                "`lssa-hf finetune` run.")
+    fix = ("use the same lora_r, target_modules, train_norms, train_embeddings and head_temperature as that run "
+           "(its finetune.json has them).")
+    try:
+        result = set_peft_model_state_dict(model, load_peft_weights(str(folder)))
+    except RuntimeError as error:  # tensor shapes differ
+        raise ValueError(f"init_adapter {run} does not fit this LoRA: {str(error).splitlines()[1].strip()}; "
+                         + fix) from error
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"init_adapter {run} does not fit this LoRA ({len(missing)} missing, "
+                         f"{len(result.unexpected_keys)} unexpected tensors, e.g. "
+                         f"{(missing + result.unexpected_keys)[0]}): " + fix)
+
+
+def previous_cost(run: str | Path) -> dict:
+    """Steps, tokens and seconds of the run an ``init_adapter`` run continues (its own predecessors included)."""
+    result = json.loads((Path(run) / RESULT).read_text())
+    cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
+    complete = result.get("seconds_complete", result.get("resumed_from") is None)
+    for earlier in (result.get("warm_start") or {}, result.get("init_adapter") or {}):
+        for k in cost:
+            cost[k] += earlier.get(k, 0)
+        complete = complete and earlier.get("seconds_complete", True)
+    return {**cost, "seconds_complete": complete}
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -140,6 +177,8 @@ def adapt(config: FinetuneConfig):
     model, tokenizer = build_model(config)
     train, valid = build_datasets(config, tokenizer)
     result = {"config": config.to_dict(), "train_blocks": len(train), "eval_blocks": len(valid)}
+    if config.init_adapter:
+        result["init_adapter"] = previous_cost(config.init_adapter)
     resume = last_checkpoint(out / "checkpoints") if config.resume else None
 
     if config.warm_start:
