@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What closes the gap to softmax + LoRA (recipes/adapt/configs/ablation-cpu.yaml): every row adapted
-# for 40 steps of 2 x 256 tokens (some pairs for 120, 360 or 720, one pair on 1K-token blocks),
+# for 40 steps of 2 x 256 tokens (some rows for 120, 360, 720 or 1080, some on 1K-token blocks),
 # evaluated at 256 and 1K; then rows at 4K and 16K (twice SmolLM2's 8K window). One thread per process: two jobs on a small
 # machine otherwise fight over cores (OpenMP threads spin). Run from the repository root; models
 # and cells are cached.
@@ -24,6 +24,13 @@ python recipes/adapt/run_table.py --config $CONFIG --name table-p6-long --length
   --rows "softmax (original)" "softmax + LoRA (360 steps)" "LSSAR p=3 + LoRA + head temperature (360 steps)" \
   "LSSAR p=6 + LoRA + head temperature (360 steps)" "softmax + LoRA (1K blocks)" \
   "LSSAR p=3 + LoRA + head temperature (1K blocks)" "LSSAR p=6 + LoRA + head temperature (1K blocks)"
+# at the 720-step budget: p = 3, 4, 6 and p scheduled from 3 to 6; then the pair with p = 6 continued for 360
+# more steps (init_adapter: the 720-step runs, trained by the rows before them)
+python recipes/adapt/run_table.py --config $CONFIG --name table-720-p --lengths 256 1024 4096 16384 \
+  --rows "softmax (original)" "softmax + LoRA (720 steps)" "LSSAR p=3 + LoRA + head temperature (720 steps)" \
+  "LSSAR p=4 + LoRA + head temperature (720 steps)" "LSSAR p=6 + LoRA + head temperature (720 steps)" \
+  "LSSAR p=3 then 6 + LoRA + head temperature (720 steps)" "softmax + LoRA (720 + 360 steps)" \
+  "LSSAR p=6 + LoRA + head temperature (720 + 360 steps)"
 # where in a 16K window each model loses: loss by context size (tokens seen) on one WikiText-2 window;
 # run folders are named by a hash of their row's settings (these are the 720-step pair)
 RUNS=runs/adapt/ablation-cpu/runs
