@@ -21,7 +21,7 @@ from ..data import blocks, read_text, tokenize
 from ..models import load
 from ..patching import patch
 from .config import FinetuneConfig
-from .train import RESULT, finetune, load_adapted
+from .train import RESULT, finetune, load_adapted, total_cost
 
 
 @dataclass
@@ -81,16 +81,9 @@ def train_row(table: TableConfig, row: dict) -> tuple[Path, dict]:
 
 
 def training_cost(result: dict) -> dict:
-    """A trained row's cost from its finetune.json; a warm start and a continued run are part of it."""
-    cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
-    # runs from before the time was checkpointed: a resumed one only knows its last process's time
-    complete = result.get("seconds_complete", result.get("resumed_from") is None)
-    for earlier in (result.get("warm_start") or {}, result.get("init_adapter") or {}):  # a continued run too
-        for k in ("steps", "tokens", "seconds"):
-            cost[k] += earlier.get(k, 0)
-        complete = complete and earlier.get("seconds_complete", True)
-    return {**cost, "seconds_complete": complete,
-            "attention": result["config"]["attention"], "p": result["config"]["p"], "eval_loss": result["eval_loss"]}
+    """A trained row's cost (``total_cost``) and what the table prints beside it."""
+    return {**total_cost(result), "attention": result["config"]["attention"], "p": result["config"]["p"],
+            "eval_loss": result["eval_loss"]}
 
 
 def row_model(table: TableConfig, row: dict):

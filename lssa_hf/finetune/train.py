@@ -16,10 +16,10 @@ import torch
 
 from ..models import load
 from ..patching import patch
+from .clock import WallClock, wall_clock
 from .config import FinetuneConfig
 from .data import build_datasets
 from .lora import add_lora, attention_targets
-from .clock import WallClock, wall_clock
 from .optim import AdaptTrainer
 from .schedule import PowerSchedule, check_schedule
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
@@ -106,10 +106,11 @@ def load_adapter_weights(model, run: str | Path) -> None:
                          f"{(missing + result.unexpected_keys)[0]}): " + fix)
 
 
-def previous_cost(run: str | Path) -> dict:
-    """Steps, tokens and seconds of the run an ``init_adapter`` run continues (its own predecessors included)."""
-    result = json.loads((Path(run) / RESULT).read_text())
+def total_cost(result: dict) -> dict:
+    """Steps, tokens and seconds of a finished run (a finetune.json), its warm start and the runs it
+    continues included; ``seconds_complete`` is False where a resume lost earlier time."""
     cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
+    # runs from before the time was checkpointed: a resumed one only knows its last process's time
     complete = result.get("seconds_complete", result.get("resumed_from") is None)
     for earlier in (result.get("warm_start") or {}, result.get("init_adapter") or {}):
         for k in cost:
@@ -178,7 +179,7 @@ def adapt(config: FinetuneConfig):
     train, valid = build_datasets(config, tokenizer)
     result = {"config": config.to_dict(), "train_blocks": len(train), "eval_blocks": len(valid)}
     if config.init_adapter:
-        result["init_adapter"] = previous_cost(config.init_adapter)
+        result["init_adapter"] = total_cost(json.loads((Path(config.init_adapter) / RESULT).read_text()))
     resume = last_checkpoint(out / "checkpoints") if config.resume else None
 
     if config.warm_start:
