@@ -24,11 +24,12 @@ python recipes/adapt/run_table.py --config $CONFIG --name table-p6-long --length
   --rows "softmax (original)" "softmax + LoRA (360 steps)" "LSSAR p=3 + LoRA + head temperature (360 steps)" \
   "LSSAR p=6 + LoRA + head temperature (360 steps)" "softmax + LoRA (1K blocks)" \
   "LSSAR p=3 + LoRA + head temperature (1K blocks)" "LSSAR p=6 + LoRA + head temperature (1K blocks)"
-# at the 720-step budget: p = 3, 4, 6 and p scheduled from 3 to 6; then the pair with p = 6 continued for 360
+# at the 720-step budget: p = 3, 4, 5, 6 and p scheduled from 3 to 6; then the pair with p = 6 continued for 360
 # more steps (init_adapter: the 720-step runs, trained by the rows before them)
 python recipes/adapt/run_table.py --config $CONFIG --name table-720-p --lengths 256 1024 4096 16384 \
   --rows "softmax (original)" "softmax + LoRA (720 steps)" "LSSAR p=3 + LoRA + head temperature (720 steps)" \
-  "LSSAR p=4 + LoRA + head temperature (720 steps)" "LSSAR p=6 + LoRA + head temperature (720 steps)" \
+  "LSSAR p=4 + LoRA + head temperature (720 steps)" "LSSAR p=5 + LoRA + head temperature (720 steps)" \
+  "LSSAR p=6 + LoRA + head temperature (720 steps)" \
   "LSSAR p=3 then 6 + LoRA + head temperature (720 steps)" "softmax + LoRA (720 + 360 steps)" \
   "LSSAR p=6 + LoRA + head temperature (720 + 360 steps)"
 # where in a 16K window each model loses: loss by context size (tokens seen) on one WikiText-2 window;
