@@ -39,7 +39,7 @@ def check_schedule(schedule, p: float, max_steps: int) -> list[tuple[int, float]
     return points
 
 
-def power_at(points: list[tuple[int, float]], step: float) -> float:
+def power_at(points, step: float) -> float:
     """p at ``step``: linear between the points, constant outside them."""
     if step <= points[0][0]:
         return points[0][1]
@@ -53,8 +53,8 @@ class PowerSchedule(TrainerCallback):
     """Sets the patched model's p before every optimisation step (so a resumed run follows the same
     schedule) and leaves it at the final p when training ends."""
 
-    def __init__(self, points: list[tuple[int, float]]):
-        self.points = points
+    def __init__(self, points):
+        self.points = points  # [[step, p], ...] as checked by ``check_schedule``
 
     def _set(self, model, p: float) -> None:
         settings = settings_of(model)

@@ -21,7 +21,7 @@ from .config import FinetuneConfig
 from .data import build_datasets
 from .lora import add_lora, attention_targets
 from .optim import AdaptTrainer
-from .schedule import PowerSchedule, check_schedule
+from .schedule import PowerSchedule
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
 
 RESULT = "finetune.json"
@@ -197,7 +197,7 @@ def adapt(config: FinetuneConfig):
                            train_dataset=train, eval_dataset=valid, temperature_lr=config.temperature_lr,
                            callbacks=[WallClock()])
     if config.p_schedule:
-        trainer.add_callback(PowerSchedule(check_schedule(config.p_schedule, config.p, config.max_steps)))
+        trainer.add_callback(PowerSchedule(config.p_schedule))  # checked by FinetuneConfig
     trainer.train(resume_from_checkpoint=resume)
     result.update(_cost(trainer, config))  # before the final evaluation: training time only
     final = trainer.evaluate()["eval_loss"]
