@@ -29,12 +29,16 @@ def resolve(model: str) -> tuple[str, dict]:
     return model, {}
 
 
-def load(model: str = DEFAULT_MODEL, dtype=None, **kwargs):
-    """(model, tokenizer) in eval mode; any transformers-loadable reference works."""
+def load(model: str = DEFAULT_MODEL, dtype=None, rope=None, **kwargs):
+    """(model, tokenizer) in eval mode; any transformers-loadable reference works. ``rope``: RoPE
+    scaling to set ("yarn:2", a dict, "default"; ``lssa_hf.rope``), None keeps the checkpoint's."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .rope import apply_rope
 
     name, extra = resolve(model)
     tokenizer = AutoTokenizer.from_pretrained(name, **extra)
     lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **extra, **kwargs)
+    apply_rope(lm, rope)
     return lm.eval(), tokenizer

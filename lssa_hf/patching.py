@@ -7,8 +7,8 @@ import logging
 
 from transformers import PreTrainedModel
 
-from .functional import VARIANTS
-from .settings import CONFIG_KEY, LSSAConfig
+from .settings import CONFIG_KEY, PATCHED, LSSAConfig
+from .rope import apply_rope
 from .temperature import add_temperatures, has_temperatures, load_temperatures, remove_temperatures
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def all_configs(config):
             yield from all_configs(sub)
 
 
-def _own_config(model: PreTrainedModel) -> None:
+def own_config(model: PreTrainedModel) -> None:
     """Give ``model`` a private copy of its config so patching never reaches another model."""
     old, new = model.config, copy.deepcopy(model.config)
     mapping = {id(a): b for a, b in zip(all_configs(old), all_configs(new))}
@@ -92,16 +92,20 @@ def _warn_ignored(model: PreTrainedModel) -> None:
 
 
 def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
-          head_temperature: bool | None = None):
+          head_temperature: bool | None = None, ssmax_length: int | None = None):
     """Make ``model`` (a transformers model, or a peft model around one) use LSSA or LSSAR attention.
 
     The settings are stored on the model's own config (a private copy: other models built from the
     same config object are untouched) and saved by ``save_pretrained``. ``head_temperature=True``
     adds a learnable per-head multiplier of the length scale to every attention module (tau = 1 at
     first, see ``lssa_hf.temperature``); None keeps the temperatures the model already has, if any.
-    Returns the same model.
+    ``variant="ssmax"`` is the scaled-softmax baseline (``lssa_hf.ssmax``; ``ssmax_length``: the
+    visible-key count at which it equals softmax, default 512). Returns the same model.
     """
     model_ = base_model(model)
+    if ssmax_length is None:
+        stored = LSSAConfig.of(model_.config)
+        ssmax_length = stored.ssmax_length if stored is not None else LSSAConfig.ssmax_length
     if head_temperature is None:
         stored = LSSAConfig.of(model_.config)
         if stored is not None and stored.head_temperature and not has_temperatures(model_):
@@ -111,14 +115,15 @@ def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
     elif not head_temperature and has_temperatures(model_):
         raise ValueError("This model carries learned per-head temperatures; patch it with head_temperature=True "
                          "(or None) to keep them, or unpatch it first to drop them.")
-    settings = LSSAConfig(variant=variant, p=p, backend=backend, head_temperature=head_temperature)
+    settings = LSSAConfig(variant=variant, p=p, backend=backend, head_temperature=head_temperature,
+                          ssmax_length=ssmax_length)
     check_supported(model_)
     if not hasattr(model_, _ORIGINAL):
         original = model_.config._attn_implementation
-        if original in VARIANTS:  # loaded as LSSA: "original" is transformers' default
+        if original in PATCHED:  # loaded as LSSA: "original" is transformers' default
             original = model_.get_correct_attn_implementation(None)
         setattr(model_, _ORIGINAL, original)
-        _own_config(model_)
+        own_config(model_)
     _warn_ignored(model_)
     _set_settings(model_, settings)
     if head_temperature:
@@ -143,7 +148,7 @@ def unpatch(model):
 
 def is_patched(model) -> bool:
     """True when the model's attention runs through an LSSA backend."""
-    return base_model(model).config._attn_implementation in VARIANTS
+    return base_model(model).config._attn_implementation in PATCHED
 
 
 def settings_of(model) -> LSSAConfig | None:
@@ -153,17 +158,19 @@ def settings_of(model) -> LSSAConfig | None:
         return None
     stored = LSSAConfig.of(model_.config) or LSSAConfig()
     return LSSAConfig(variant=model_.config._attn_implementation, p=stored.p, backend=stored.backend,
-                      head_temperature=stored.head_temperature)
+                      head_temperature=stored.head_temperature, ssmax_length=stored.ssmax_length)
 
 
 def from_pretrained(name_or_path: str, variant: str | None = None, p: float | None = None,
                     backend: str | None = None, model_class=None, head_temperature: bool | None = None,
-                    **kwargs):
+                    rope=None, **kwargs):
     """Load a checkpoint (hub name or folder) with LSSA attention.
 
     An LSSA checkpoint saved by ``save_pretrained`` keeps its settings and learned per-head
     temperatures; arguments given here override them. A softmax checkpoint is patched with
     ``variant`` (default "lssar"), ``p`` (default 15) and ``head_temperature`` (default False).
+    ``rope``: RoPE scaling to set (``lssa_hf.rope.parse_rope``: "yarn:2", a dict, "default"); None
+    keeps the checkpoint's own (a saved YaRN checkpoint stays YaRN).
     """
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
@@ -171,6 +178,7 @@ def from_pretrained(name_or_path: str, variant: str | None = None, p: float | No
         raise TypeError("lssa_hf.from_pretrained sets the attention itself: pass variant='lssa'|'lssar' instead "
                         "of attn_implementation.")
     model = model_class.from_pretrained(name_or_path, **kwargs)
+    apply_rope(model, rope)
     stored = LSSAConfig.of(model.config) or LSSAConfig()
     patch(model, variant=variant or stored.variant, p=stored.p if p is None else p,
           backend=backend or stored.backend,

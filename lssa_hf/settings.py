@@ -4,31 +4,41 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .functional import DEFAULT_P, check_settings
+from .functional import DEFAULT_P, VARIANTS, check_settings
 
 CONFIG_KEY = "lssa"
+SSMAX = "ssmax"  # scaled-softmax baseline (lssa_hf.ssmax): same mask glue, SDPA underneath
+PATCHED = VARIANTS + (SSMAX,)  # attention implementations lssa_hf registers
+ATTENTIONS = ("softmax",) + PATCHED  # "softmax": the checkpoint's own attention
 
 
 @dataclass(frozen=True)
 class LSSAConfig:
     """How a patched model computes attention.
 
-    variant: "lssa" (softplus + length scaling) or "lssar" (with re-weighting).
-    p: re-weighting power of LSSAR (paper default 15.0); ignored by "lssa".
+    variant: "lssa" (softplus + length scaling), "lssar" (with re-weighting) or "ssmax" (the
+        scaled-softmax baseline, ``lssa_hf.ssmax``).
+    p: re-weighting power of LSSAR (paper default 15.0); ignored by "lssa" and "ssmax".
     backend: "auto" or a forced kernel path (see ``lssa_hf.attention.BACKENDS``).
     head_temperature: every attention module carries a learnable per-head multiplier of the length
         scale (``lssa_hf.temperature``); False is the paper's fixed scale.
+    ssmax_length: "ssmax" only: the number of visible keys at which it equals softmax.
     """
 
     variant: str = "lssar"
     p: float = DEFAULT_P
     backend: str = "auto"
     head_temperature: bool = False
+    ssmax_length: int = 512
 
     def __post_init__(self):
         from .attention import BACKENDS  # late import: attention imports kernels
+        from .ssmax import check_length
 
-        check_settings(self.variant, self.p)
+        if self.variant == SSMAX:
+            check_length(self.ssmax_length)
+        else:
+            check_settings(self.variant, self.p)
         if self.backend not in BACKENDS:
             raise ValueError(f"Unknown LSSA backend {self.backend!r}: use one of {BACKENDS}.")
         object.__setattr__(self, "p", float(self.p))

@@ -16,7 +16,7 @@ def overrides(args) -> dict:
     return dict(model=args.model, attention=args.attention, p=args.p, output_dir=args.output_dir,
                 train_text=args.train_text, eval_text=args.eval_text, max_steps=args.max_steps,
                 block_size=args.block_size, warm_start=args.warm_start, merge=args.merge, seed=args.seed,
-                head_temperature=args.head_temperature)
+                head_temperature=args.head_temperature, rope=args.rope)
 
 
 def settings(args) -> dict:
@@ -48,6 +48,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", help="hub name, folder, .gguf file or 'smollm2'")
     parser.add_argument("--attention", choices=ATTENTIONS)
     parser.add_argument("--p", type=float, help="LSSAR re-weighting power")
+    parser.add_argument("--rope", help="RoPE scaling set on load and trained with: TYPE:FACTOR[:ORIGINAL], e.g. "
+                        "yarn:2 (types: yarn, dynamic, linear, longrope, llama3; 'default' removes scaling)")
     parser.add_argument("--output-dir")
     parser.add_argument("--train-text", nargs="+", help="files, folders or dataset names[:config]")
     parser.add_argument("--eval-text", help="held-out text (default: the tail of the training text)")

@@ -6,11 +6,12 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..rope import parse_rope
+from ..settings import ATTENTIONS, SSMAX
 from .schedule import check_schedule
 
 logger = logging.getLogger(__name__)
 
-ATTENTIONS = ("softmax", "lssa", "lssar")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -23,6 +24,10 @@ class FinetuneConfig:
     p: float = 15.0
     # LSSAR only: [[step, p], ...], piecewise linear, ending at `p` (finetune/schedule.py); None = constant p
     p_schedule: list | None = None
+    # RoPE scaling set on load, trained with and kept ("yarn:2", {type: yarn, factor: 2}, "default";
+    # lssa_hf.rope); None keeps the checkpoint's own
+    rope: str | dict | None = None
+    ssmax_length: int | None = None  # attention "ssmax": keys at which it equals softmax; None = block_size
     output_dir: str = "runs/adapt/lssar"
     seed: int = 0
     dtype: str = "float32"  # weights as loaded; mixed precision is `precision`
@@ -99,6 +104,9 @@ class FinetuneConfig:
             raise ValueError("The warm start matches LSSA layers to their softmax originals: it needs attention "
                              "'lssa' or 'lssar', not 'softmax'.")
         self.p = float(self.p)
+        parse_rope(self.rope)  # a bad value fails here, before any loading
+        if self.attention == SSMAX and self.ssmax_length is None:
+            self.ssmax_length = self.block_size
         if self.p_schedule is not None:
             if self.attention != "lssar":
                 raise ValueError(f"p_schedule sets LSSAR's re-weighting power; attention {self.attention!r} has none: "

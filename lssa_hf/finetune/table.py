@@ -83,7 +83,7 @@ def train_row(table: TableConfig, row: dict) -> tuple[Path, dict]:
 def training_cost(result: dict) -> dict:
     """A trained row's cost (``total_cost``) and what the table prints beside it."""
     return {**total_cost(result), "attention": result["config"]["attention"], "p": result["config"]["p"],
-            "eval_loss": result["eval_loss"]}
+            "rope": result["config"].get("rope"), "eval_loss": result["eval_loss"]}
 
 
 def row_model(table: TableConfig, row: dict):
@@ -93,11 +93,11 @@ def row_model(table: TableConfig, row: dict):
         model, tokenizer = load_adapted(folder)
         return model, tokenizer, training_cost(result)
     base = {**table.base, **{k: v for k, v in row.items() if k not in ("name", "train")}}
-    model, tokenizer = load(base.get("model", "smollm2"))
+    model, tokenizer = load(base.get("model", "smollm2"), rope=base.get("rope"))
     if base.get("attention", "softmax") != "softmax":
-        patch(model, variant=base["attention"], p=base.get("p", 15.0))
+        patch(model, variant=base["attention"], p=base.get("p", 15.0), ssmax_length=base.get("ssmax_length"))
     return model, tokenizer, {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": base.get("attention", "softmax"),
-                              "p": base.get("p", 15.0)}
+                              "p": base.get("p", 15.0), "rope": base.get("rope")}
 
 
 def evaluate_row(table: TableConfig, row: dict) -> dict:

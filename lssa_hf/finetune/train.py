@@ -70,10 +70,11 @@ def build_model(config: FinetuneConfig):
     """(peft model, tokenizer): the checkpoint with the configured attention and a fresh LoRA."""
     from transformers import set_seed
 
-    model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype))
+    model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype), rope=config.rope)
     drop_gguf_marker(model)
     if config.attention != "softmax":
-        patch(model, variant=config.attention, p=config.first_p, head_temperature=config.head_temperature)
+        patch(model, variant=config.attention, p=config.first_p, head_temperature=config.head_temperature,
+              ssmax_length=config.ssmax_length)
     set_seed(config.seed)  # LoRA A matrices are drawn here: same init for every attention
     model = add_lora(model, config)
     if config.init_adapter:
@@ -228,9 +229,10 @@ def load_adapted(output_dir: str | Path, merge: bool = True):
 
     out = Path(output_dir)
     config = FinetuneConfig(**json.loads((out / RESULT).read_text())["config"])
-    model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype))
+    model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype), rope=config.rope)
     drop_gguf_marker(model)
     if config.attention != "softmax":
-        patch(model, variant=config.attention, p=config.p, head_temperature=config.head_temperature)
+        patch(model, variant=config.attention, p=config.p, head_temperature=config.head_temperature,
+              ssmax_length=config.ssmax_length)
     model = PeftModel.from_pretrained(model, out / "adapter")
     return (model.merge_and_unload() if merge else model).eval(), tokenizer

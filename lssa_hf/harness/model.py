@@ -3,8 +3,10 @@
     lm_eval --model lssa-hf --model_args pretrained=smollm2,variant=lssar,p=15 ...   (via ``lssa-hf eval``)
 
 Model args beyond HFLM's own:
-  variant       "lssa" | "lssar" | "softmax" (the checkpoint's own attention, the baseline). Default: the
-                settings stored in an LSSA checkpoint, else "lssar".
+  variant       "lssa" | "lssar" | "ssmax" | "softmax" (the checkpoint's own attention, the baseline).
+                Default: the settings stored in an LSSA checkpoint, else "lssar".
+  rope          RoPE scaling set after loading, e.g. rope=yarn:2 (``lssa_hf.rope``: yarn, dynamic, linear,
+                longrope, llama3; "default" removes scaling). Default: the checkpoint's own.
   p             LSSAR re-weighting power (default 15, or the checkpoint's).
   lssa_backend  LSSA kernel path ("auto", ...). ``backend=<that>`` is accepted too; HFLM's own
                 backend values ("default", "causal", "seq2seq") keep their harness meaning.
@@ -22,6 +24,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..models import resolve
+from ..rope import apply_rope, rope_of
 from ..patching import is_patched, patch, restore_temperatures, settings_of, unpatch
 from ..settings import LSSAConfig
 from ..temperature import add_temperatures
@@ -40,7 +43,7 @@ class TruncationError(ValueError):
 class LSSAHFLM(HFLM):
     def __init__(self, pretrained, variant: str | None = None, p: float | None = None,
                  lssa_backend: str | None = None, backend: str = "default", max_length=None,
-                 truncation: bool = False, gguf_file: str | None = None, **kwargs):
+                 truncation: bool = False, gguf_file: str | None = None, rope=None, **kwargs):
         if backend not in HFLM_BACKENDS:  # our kernel path, not HFLM's causal/seq2seq switch
             lssa_backend, backend = backend, "default"
         if isinstance(pretrained, str) and gguf_file is None:
@@ -51,6 +54,7 @@ class LSSAHFLM(HFLM):
                          max_length=None if self._auto_length else int(max_length), **kwargs)
         if isinstance(pretrained, str) and gguf_file is None:
             self._restore_temperatures(pretrained, kwargs.get("revision"))
+        apply_rope(self._model, rope)
         self._set_attention(variant, p, lssa_backend)
 
     def _restore_temperatures(self, pretrained: str, revision) -> None:
@@ -81,7 +85,7 @@ class LSSAHFLM(HFLM):
 
     def get_model_info(self) -> dict:
         settings = settings_of(self._model)
-        info = {"attention": self.attention, "max_length": self.max_length}
+        info = {"attention": self.attention, "max_length": self.max_length, "rope": rope_of(self._model)}
         if settings is not None:
             info |= {"lssa_p": settings.p, "lssa_backend": settings.backend}
         return super().get_model_info() | info

@@ -13,7 +13,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import lssa_attention
 from ..functional import causal_mask
-from ..settings import LSSAConfig
+from ..settings import SSMAX, LSSAConfig
+from ..ssmax import ssmax_attention
 from ..temperature import ATTRIBUTE as TEMPERATURE
 
 # Arguments that cannot be honoured: the error names the fix instead of silently changing the model.
@@ -93,14 +94,18 @@ def _document_mask(q_len, k_len, cu_seq_lens_q=None, cu_seq_lens_k=None, positio
     return (doc[:, :, None] == doc[:, None, :])[:, None]
 
 
-def _attention_forward(variant, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                       is_causal=None, **kwargs):
+def _refuse_unsupported(module, kwargs) -> None:
     for name, why in _REFUSED.items():
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"{type(module).__name__} passes `{name}`: {why}. "
                                       "This model cannot use LSSA; keep it on softmax attention.")
     if type(kwargs.get("cache")).__name__ == "PagedAttentionCache":
         raise NotImplementedError("LSSA does not support continuous batching (paged KV cache); use generate().")
+
+
+def _attention_forward(variant, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                       is_causal=None, **kwargs):
+    _refuse_unsupported(module, kwargs)
     # `scaling` and `softcap` are ignored on purpose: LSSA's temperature is log(d)*log(N_i) on cosine
     # similarities, which are bounded, so neither 1/sqrt(d) nor logit soft-capping applies.
     settings = LSSAConfig.of(getattr(module, "config", None)) or LSSAConfig(variant=variant)
@@ -133,8 +138,21 @@ def lssar_attention_forward(module, query, key, value, attention_mask, dropout=0
     return _attention_forward("lssar", module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
+def ssmax_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                            **kwargs):
+    """AttentionInterface backend "ssmax": softmax with the query scaled by tau_h log(N_i) / log(length)."""
+    _refuse_unsupported(module, kwargs)
+    settings = LSSAConfig.of(getattr(module, "config", None)) or LSSAConfig(variant=SSMAX)
+    mask = visibility_mask(module, query, key, attention_mask, is_causal, **kwargs)
+    out, weights = ssmax_attention(query, key, value, mask, scaling=scaling, length=settings.ssmax_length,
+                                   temperature=_temperature(module, settings), dropout_p=dropout,
+                                   return_weights=bool(kwargs.get("output_attentions")))
+    return out.transpose(1, 2).contiguous(), weights
+
+
 def register() -> None:
-    """Register both backends and their mask function globally (idempotent)."""
-    for name, fn in (("lssa", lssa_attention_forward), ("lssar", lssar_attention_forward)):
+    """Register the backends and their mask function globally (idempotent)."""
+    for name, fn in (("lssa", lssa_attention_forward), ("lssar", lssar_attention_forward),
+                     (SSMAX, ssmax_attention_forward)):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, lssa_mask)
