@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from ..commands.compare import mean_loss
 from ..data import blocks, read_text, tokenize
 from ..models import load
@@ -33,6 +35,8 @@ class TableConfig:
     lengths: list = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     eval_tokens: int = 32768  # the same tokens at every length (at least one window each)
     eval_skip: float = 0.1  # fraction of each eval text skipped first: a book opens with its contents list
+    passkey_lengths: list = field(default_factory=list)  # passkey exact match (lm_eval_tasks.passkey) here
+    passkey_docs: int = 2  # documents per passkey length (needles at depths 0, .5, .25, ...)
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "TableConfig":
@@ -100,12 +104,31 @@ def row_model(table: TableConfig, row: dict):
                               "p": base.get("p", 15.0), "rope": base.get("rope")}
 
 
+@torch.no_grad()
+def passkey_score(model, tokenizer, length: int, docs: int) -> float:
+    """Exact match of greedy passkey retrieval on the package's own passkey documents (the
+    ``passkey_*`` lm-eval tasks' builder and scorer), ``docs`` documents of ``length`` tokens."""
+    from ..lm_eval_tasks.utils import passkey, process_generated_key
+
+    hits = []
+    for doc in passkey(length, num_samples=docs, tokenizer=tokenizer)["test"]:
+        ids = tokenizer(doc["input"], return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+        hits.append(process_generated_key(doc, [text])["exact_match"])
+    return sum(hits) / len(hits)
+
+
 def evaluate_row(table: TableConfig, row: dict) -> dict:
-    """{"cost": ..., "loss": {text label: {length: mean loss}}}, cached in <output_dir>/<row>/eval.json."""
+    """{"cost": ..., "loss": {text label: {length: mean loss}}, "passkey": {length: exact match}},
+    cached in <output_dir>/<row>/eval.json."""
     path = Path(table.output_dir) / slug(row["name"]) / "eval.json"
     cached = json.loads(path.read_text()) if path.exists() else {"loss": {}}
+    cached.setdefault("passkey", {})
     todo = [(label, n) for label in table.eval_text for n in table.lengths
             if str(n) not in cached["loss"].get(label, {})]
+    todo += [("passkey", n) for n in table.passkey_lengths if str(n) not in cached["passkey"]]
     if not todo and "cost" in cached:
         if row.get("train", True):  # reading finetune.json is cheap: keep the cost current
             cached["cost"] = training_cost(train_row(table, row)[1])
@@ -124,9 +147,22 @@ def evaluate_row(table: TableConfig, row: dict) -> dict:
             cached["loss"].setdefault(label, {})[str(n)] = round(loss, 4)
             print(f"{row['name']:<28} {label:<16} L={n:<6} loss {loss:.4f} ppl {math.exp(loss):9.2f} "
                   f"({len(windows)} windows, {time.time() - start:.0f} s)", flush=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cached, indent=1))  # after every cell: resumable
+            save_cells(path, cached)
+    for n in table.passkey_lengths:
+        if str(n) in cached["passkey"]:
+            continue
+        start = time.time()
+        cached["passkey"][str(n)] = passkey_score(model, tokenizer, n, table.passkey_docs)
+        print(f"{row['name']:<28} passkey          L={n:<6} exact match {cached['passkey'][str(n)]:.2f} "
+              f"({table.passkey_docs} documents, {time.time() - start:.0f} s)", flush=True)
+        save_cells(path, cached)
     return cached
+
+
+def save_cells(path: Path, cached: dict) -> None:
+    """After every cell: an interrupted table resumes from here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cached, indent=1))
 
 
 def train_time(cost: dict) -> str:
@@ -138,7 +174,8 @@ def train_time(cost: dict) -> str:
 
 def markdown(table: TableConfig, results: dict) -> str:
     labels = list(table.eval_text)
-    head = ["row", "p", "steps", "tokens", "train time"] + [f"{label} @{n}" for label in labels for n in table.lengths]
+    head = (["row", "p", "steps", "tokens", "train time"] + [f"{label} @{n}" for label in labels for n in table.lengths]
+            + [f"passkey @{n}" for n in table.passkey_lengths])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, res in results.items():
         cost = res["cost"]
@@ -149,6 +186,9 @@ def markdown(table: TableConfig, results: dict) -> str:
             for n in table.lengths:
                 loss = res["loss"].get(label, {}).get(str(n))
                 cells.append("-" if loss is None else f"{math.exp(loss):.2f}")
+        for n in table.passkey_lengths:
+            score = res.get("passkey", {}).get(str(n))
+            cells.append("-" if score is None else f"{score:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
