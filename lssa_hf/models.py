@@ -29,6 +29,27 @@ def resolve(model: str) -> tuple[str, dict]:
     return model, {}
 
 
+TOKENIZER_CACHE = Path.home() / ".cache" / "lssa_hf" / "tokenizers"
+
+
+def local_tokenizer(model: str, gguf_file: str | None = None) -> str | None:
+    """A folder holding the tokenizer of ``model`` when it is an alias or a .gguf file (names that
+    tools loading tokenizers by hub name cannot resolve), saved there on first use; None otherwise."""
+    name, extra = resolve(model)
+    if gguf_file:
+        extra = {"gguf_file": gguf_file}
+    if "gguf_file" not in extra:
+        return None
+    from transformers import AutoTokenizer
+
+    source = Path(name) / extra["gguf_file"]
+    stat = source.stat()
+    folder = TOKENIZER_CACHE / f"{source.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (folder / "tokenizer_config.json").exists():
+        AutoTokenizer.from_pretrained(name, **extra).save_pretrained(folder)
+    return str(folder)
+
+
 def load(model: str = DEFAULT_MODEL, dtype=None, rope=None, **kwargs):
     """(model, tokenizer) in eval mode; any transformers-loadable reference works. ``rope``: RoPE
     scaling to set ("yarn:2", a dict, "default"; ``lssa_hf.rope``), None keeps the checkpoint's."""

@@ -229,3 +229,30 @@ def test_report_has_one_line_per_attention(tmp_path):
                                                "smollm2 lssar": {1024: 1.0, 8192: 1.0}}
     table, image = write_report(tmp_path)
     assert "| passkey: exact_match | 1K | 8K |" in table.read_text() and image.suffix == ".png"
+
+
+def test_ruler_tasks_get_a_loadable_tokenizer_from_the_offline_alias(tmp_path, monkeypatch):
+    """RULER's niah_* builders load the tokenizer by name (``tokenizer``, else ``pretrained``); the
+    alias "smollm2" is no hub name, so ``lssa-hf eval`` names a saved local folder instead."""
+    import argparse
+
+    from lssa_hf import models
+    from lssa_hf.commands.eval import fill_task_tokenizer
+
+    monkeypatch.setattr(models, "TOKENIZER_CACHE", tmp_path)
+    args = argparse.Namespace(model_args={"pretrained": "smollm2", "variant": "lssar"},
+                              metadata={"max_seq_lengths": [256]})
+    fill_task_tokenizer(args)
+    folder = args.metadata["tokenizer"]
+    assert folder.startswith(str(tmp_path)) and args.metadata["max_seq_lengths"] == [256]
+    pytest.importorskip("wonderwords", reason="RULER needs the `ruler` extra: pip install 'lssa-hf[ruler]'")
+    from lm_eval.tasks.ruler.niah_utils import niah_single_1
+
+    docs = niah_single_1(**{**args.model_args, **args.metadata})["test"]
+    assert len(docs) > 0 and all(128 < d["length"] <= 256 for d in docs.select(range(4)))  # sized in tokens
+    told = argparse.Namespace(model_args={"pretrained": "smollm2", "tokenizer": "mine"}, metadata={})
+    fill_task_tokenizer(told)  # a tokenizer the user named wins
+    assert "tokenizer" not in told.metadata
+    hub = argparse.Namespace(model_args={"pretrained": "HuggingFaceTB/SmolLM2-135M"}, metadata={})
+    fill_task_tokenizer(hub)  # hub names load as they are
+    assert "tokenizer" not in hub.metadata

@@ -29,10 +29,28 @@ def harness_main(argv: list[str]) -> str | None:
         args = cli.parse_args()  # inserts "run" for the flat legacy form, exactly as lm_eval does
     finally:
         sys.argv = saved
+    if getattr(args, "command", None) == "run":
+        fill_task_tokenizer(args)
     if hasattr(args, "include_path"):  # TaskManager takes a list: ours first, the user's can override
         args.include_path = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
     cli.execute(args)
     return getattr(args, "output_path", None) if getattr(args, "command", None) == "run" else None
+
+
+def fill_task_tokenizer(args) -> None:
+    """Synthetic tasks (RULER's niah_*, ours) size documents with the tokenizer named in the run's
+    metadata, or else load ``pretrained`` by name from the hub. An alias ("smollm2") or a .gguf file
+    is no hub name: save its tokenizer to a local folder once and name that folder instead."""
+    model_args = args.model_args if isinstance(args.model_args, dict) else {}
+    metadata = args.metadata if isinstance(args.metadata, dict) else {}
+    pretrained = model_args.get("pretrained")
+    if not isinstance(pretrained, str) or "tokenizer" in model_args or "tokenizer" in metadata:
+        return
+    from ..models import local_tokenizer
+
+    folder = local_tokenizer(pretrained, model_args.get("gguf_file"))
+    if folder is not None:
+        args.metadata = {**metadata, "tokenizer": folder}
 
 
 def report(argv: list[str]) -> int:
