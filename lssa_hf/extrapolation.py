@@ -10,7 +10,8 @@ non-overlapping windows of L, and each window is one forward pass. Two means are
   metrics coincide).
 
 Models are checkpoints (folders, hub names, .gguf), evaluated with their own attention or with an
-override ``PATH@softmax``, ``PATH@lssa``, ``PATH@lssar:P`` (e.g. an LSSA-trained model run as LSSAR).
+override ``PATH@softmax``, ``PATH@lssa``, ``PATH@lssar:P`` (e.g. an LSSA-trained model run as LSSAR),
+and optionally with RoPE scaling ``PATH@softmax+yarn:2`` (``lssa_hf.rope``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .settings import ATTENTIONS
+
 METRICS = ("all", "last")
 LOSS_SLICE = 1024  # positions per cross-entropy call in ``position_losses``
-OVERRIDES = ("softmax", "lssa", "lssar")
+OVERRIDES = ATTENTIONS  # softmax: the checkpoint's own attention
 
 
 @dataclass(frozen=True)
@@ -34,23 +37,31 @@ class ModelSpec:
     variant: str | None = None  # None: the checkpoint's own attention
     p: float | None = None
     label: str | None = None
+    rope: str | None = None  # RoPE scaling set after loading, e.g. "yarn:2"; None keeps the checkpoint's
 
     @classmethod
-    def parse(cls, text: str, variant: str | None = None, p: float | None = None) -> "ModelSpec":
-        """``PATH[@VARIANT[:P]][=LABEL]``; ``variant``/``p`` apply when the spec names none."""
+    def parse(cls, text: str, variant: str | None = None, p: float | None = None,
+              rope: str | None = None) -> "ModelSpec":
+        """``PATH[@VARIANT[:P]][+ROPE][=LABEL]``; ``variant``/``p``/``rope`` apply when the spec names none."""
+        from .rope import parse_rope
+
         text, _, label = text.partition("=")
+        text, plus, spec_rope = text.partition("+")
+        rope = spec_rope if plus else rope
+        parse_rope(rope)  # a bad value fails before any loading
         path, _, override = text.partition("@")
         if override:
             variant, _, p_text = override.partition(":")
             p = float(p_text) if p_text else p
         if variant is not None and variant not in OVERRIDES:
             raise ValueError(f"Unknown attention {variant!r} in {text!r}: use one of {OVERRIDES}.")
-        return cls(path, variant, p, label or None)
+        return cls(path, variant, p, label or None, rope or None)
 
     def name(self) -> str:
         if self.label:
             return self.label
         base = Path(self.path.rstrip("/")).name or self.path
+        base += f" + {self.rope}" if self.rope else ""
         if self.variant is None:
             return base if self.p is None else f"{base} (p={self.p:g})"
         suffix = f"{self.variant} p={self.p:g}" if self.variant == "lssar" and self.p is not None else self.variant
@@ -63,12 +74,14 @@ def load_spec(spec: ModelSpec, device="cpu", dtype=torch.float32):
     from .finetune.train import RESULT, load_adapted
     from .models import load
     from .patching import is_patched, patch, settings_of, unpatch
+    from .rope import apply_rope
 
     if (Path(spec.path) / RESULT).exists():
         model, tokenizer = load_adapted(spec.path)
         model = model.to(dtype)
     else:
         model, tokenizer = load(spec.path, dtype=dtype)
+    apply_rope(model, spec.rope)
     if spec.variant == "softmax":
         if is_patched(model):
             unpatch(model)

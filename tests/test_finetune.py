@@ -360,3 +360,33 @@ def test_recipe_default_runs_the_softmax_baseline_without_temperatures():
     lssar = FinetuneConfig.from_yaml(recipe)
     assert lssar.attention == "lssar" and lssar.head_temperature
     assert not FinetuneConfig.from_yaml(recipe, attention="softmax").head_temperature  # softmax: no length scale
+
+
+def test_table_rows_with_yarn_and_lssar_plus_yarn_past_the_window(checkpoint, tmp_path):
+    """The baselines table in small: YaRN without and with LoRA, LSSAR + YaRN, ssmax, at twice the
+    tiny model's 256-position window, plus a passkey cell; the trained YaRN models keep YaRN."""
+    from lssa_hf.finetune.table import TableConfig, run_table
+    from lssa_hf.finetune.train import load_adapted
+    from lssa_hf.rope import rope_of
+
+    base = config(checkpoint, tmp_path, max_steps=2).to_dict()
+    for key in ("output_dir", "attention", "p"):
+        base.pop(key)
+    table = TableConfig(output_dir=str(tmp_path / "table"), base=base, lengths=[128, 512], eval_tokens=512,
+                        eval_text={"alice": str(TEXT)}, passkey_lengths=[300], passkey_docs=1,
+                        rows=[{"name": "softmax", "attention": "softmax", "train": False},
+                              {"name": "YaRN x2", "attention": "softmax", "rope": "yarn:2", "train": False},
+                              {"name": "YaRN x2 + LoRA", "attention": "softmax", "rope": "yarn:2"},
+                              {"name": "LSSAR + YaRN x2 + LoRA", "attention": "lssar", "p": 5, "rope": "yarn:2"},
+                              {"name": "ssmax + LoRA", "attention": "ssmax", "head_temperature": True}])
+    lines = run_table(table).splitlines()
+    assert len(lines) == 7 and lines[0].endswith("| passkey @300 |")
+    results = json.loads((tmp_path / "table" / "table.json").read_text())
+    assert results["YaRN x2"]["cost"]["rope"] == "yarn:2" and results["softmax"]["cost"]["rope"] is None
+    assert results["YaRN x2 + LoRA"]["cost"]["rope"] == "yarn:2" and results["YaRN x2 + LoRA"]["cost"]["steps"] == 2
+    assert all(0.0 <= res["passkey"]["300"] <= 1.0 for res in results.values())
+    for attention, rope_type in (("softmax", "yarn:2"), ("lssar", "yarn:2"), ("ssmax", "default")):
+        folder = next(p for p in (tmp_path / "table" / "runs").iterdir() if p.name.startswith(attention))
+        model, _ = load_adapted(folder)
+        assert rope_of(model) == rope_type
+        assert lssa_hf.settings_of(model) is None if attention == "softmax" else lssa_hf.settings_of(model).variant == attention

@@ -130,3 +130,24 @@ def test_one_spelling_everywhere():
     with pytest.raises(ValueError, match="Unknown RoPE scaling type"):
         FinetuneConfig(rope="yaml:2")
     assert FinetuneConfig(rope={"type": "yarn", "factor": 2}).rope == {"type": "yarn", "factor": 2}
+
+
+def test_extrapolate_specs_take_rope_scaling():
+    from lssa_hf.extrapolation import ModelSpec
+
+    spec = ModelSpec.parse("smollm2@softmax+yarn:2")
+    assert (spec.path, spec.variant, spec.rope, spec.name()) == ("smollm2", "softmax", "yarn:2", "smollm2 + yarn:2 as softmax")
+    assert ModelSpec.parse("m@lssar:5", rope="dynamic:4").rope == "dynamic:4"  # --rope for specs naming none
+    with pytest.raises(ValueError, match="Unknown RoPE scaling type"):
+        ModelSpec.parse("m+yorn:2")
+
+
+def test_compare_rows_take_rope_scaling():
+    from lssa_hf.commands.compare import DEFAULT_ROWS, parse_row
+
+    assert "softmax+yarn:2" in DEFAULT_ROWS
+    assert parse_row("lssar+yarn:2") == ("lssar", "yarn:2") and parse_row("softmax") == ("softmax", None)
+    with pytest.raises(SystemExit, match="Unknown attention"):
+        parse_row("flash+yarn:2")
+    with pytest.raises(ValueError, match="factor must be"):
+        parse_row("softmax+yarn:1")

@@ -25,7 +25,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = [ModelSpec.parse(m, args.variant, args.p) for m in args.models]
+    specs = [ModelSpec.parse(m, args.variant, args.p, args.rope) for m in args.models]
     train_length = args.train_length or default_train_length(specs[0])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -55,9 +55,11 @@ def add_parser(subparsers) -> None:
                                    description=__doc__)
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="checkpoint folder, hub name, .gguf or `lssa-hf finetune` output folder, optionally "
-                             "PATH@softmax|lssa|lssar[:P] to override its attention and PATH...=LABEL to name it")
+                             "PATH@softmax|lssa|lssar[:P] to override its attention, PATH...+yarn:2 for RoPE scaling "
+                             "and PATH...=LABEL to name it")
     parser.add_argument("--variant", choices=OVERRIDES, help="attention override for models without @...")
     parser.add_argument("--p", type=float, help="LSSAR power override for models without @...:P")
+    parser.add_argument("--rope", help="RoPE scaling for models without +ROPE, e.g. yarn:2 (lssa_hf.rope)")
     parser.add_argument("--text", default=None, help="held-out text: file, folder or dataset name[:config] "
                         "(default: Python's documentation, offline)")
     parser.add_argument("--split", default="test", help="split when --text is a dataset name")
