@@ -194,12 +194,15 @@ def markdown(table: TableConfig, results: dict) -> str:
 
 
 def run_table(table: TableConfig, only: list | None = None, name: str = "table") -> str:
-    """Train and evaluate every row (or the rows named in ``only``); writes <name>.md and <name>.json."""
+    """Train and evaluate every row (or the rows named in ``only``, in that order); writes <name>.md
+    and <name>.json."""
+    by_name = {row["name"]: row for row in table.rows}
+    unknown = [name for name in only or [] if name not in by_name]
+    if unknown:
+        raise ValueError(f"No rows named {unknown} in the table; its rows are {list(by_name)}.")
     results = {}
-    for row in table.rows:
-        if only and row["name"] not in only:
-            continue
-        results[row["name"]] = evaluate_row(table, row)
+    for name in only or by_name:  # the order asked for: the rows that matter most first
+        results[name] = evaluate_row(table, by_name[name])
     text = markdown(table, results)
     out = Path(table.output_dir)
     out.mkdir(parents=True, exist_ok=True)
