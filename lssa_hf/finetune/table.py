@@ -197,12 +197,12 @@ def run_table(table: TableConfig, only: list | None = None, name: str = "table")
     """Train and evaluate every row (or the rows named in ``only``, in that order); writes <name>.md
     and <name>.json."""
     by_name = {row["name"]: row for row in table.rows}
-    unknown = [name for name in only or [] if name not in by_name]
+    unknown = [row for row in only or [] if row not in by_name]
     if unknown:
         raise ValueError(f"No rows named {unknown} in the table; its rows are {list(by_name)}.")
     results = {}
-    for name in only or by_name:  # the order asked for: the rows that matter most first
-        results[name] = evaluate_row(table, by_name[name])
+    for row in only or by_name:  # the order asked for: the rows that matter most first
+        results[row] = evaluate_row(table, by_name[row])
     text = markdown(table, results)
     out = Path(table.output_dir)
     out.mkdir(parents=True, exist_ok=True)
