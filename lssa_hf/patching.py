@@ -50,6 +50,21 @@ def check_supported(model: PreTrainedModel) -> None:
         )
 
 
+def check_layers(model: PreTrainedModel, layers: tuple) -> None:
+    """softmax_layers must name layers the model has (attention modules carry ``layer_idx``)."""
+    if not layers:
+        return
+    from .temperature import attention_modules
+
+    present = {getattr(m, "layer_idx", None) for m in attention_modules(model)}
+    missing = [i for i in layers if i not in present]
+    if missing:
+        known = sorted(i for i in present if i is not None)
+        raise ValueError(f"softmax_layers {missing} are not layers of {type(model).__name__} "
+                         f"(its attention layers: {known[0]}..{known[-1]})." if known else
+                         f"{type(model).__name__}'s attention modules carry no layer_idx: softmax_layers cannot apply.")
+
+
 def all_configs(config):
     """A config and its sub-configs, depth first."""
     yield config
@@ -92,7 +107,7 @@ def _warn_ignored(model: PreTrainedModel) -> None:
 
 
 def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
-          head_temperature: bool | None = None, ssmax_length: int | None = None):
+          head_temperature: bool | None = None, ssmax_length: int | None = None, softmax_layers=None):
     """Make ``model`` (a transformers model, or a peft model around one) use LSSA or LSSAR attention.
 
     The settings are stored on the model's own config (a private copy: other models built from the
@@ -100,12 +115,13 @@ def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
     adds a learnable per-head multiplier of the length scale to every attention module (tau = 1 at
     first, see ``lssa_hf.temperature``); None keeps the temperatures the model already has, if any.
     ``variant="ssmax"`` is the scaled-softmax baseline (``lssa_hf.ssmax``; ``ssmax_length``: the
-    visible-key count at which it equals softmax, default 512). Returns the same model.
+    visible-key count at which it equals softmax, default 512). ``softmax_layers``: layer indices
+    that keep softmax attention (a hybrid); None keeps the stored ones. Returns the same model.
     """
     model_ = base_model(model)
-    if ssmax_length is None:
-        stored = LSSAConfig.of(model_.config)
-        ssmax_length = stored.ssmax_length if stored is not None else LSSAConfig.ssmax_length
+    stored = LSSAConfig.of(model_.config) or LSSAConfig()
+    ssmax_length = stored.ssmax_length if ssmax_length is None else ssmax_length
+    softmax_layers = stored.softmax_layers if softmax_layers is None else softmax_layers
     if head_temperature is None:
         stored = LSSAConfig.of(model_.config)
         if stored is not None and stored.head_temperature and not has_temperatures(model_):
@@ -116,8 +132,9 @@ def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
         raise ValueError("This model carries learned per-head temperatures; patch it with head_temperature=True "
                          "(or None) to keep them, or unpatch it first to drop them.")
     settings = LSSAConfig(variant=variant, p=p, backend=backend, head_temperature=head_temperature,
-                          ssmax_length=ssmax_length)
+                          ssmax_length=ssmax_length, softmax_layers=softmax_layers)
     check_supported(model_)
+    check_layers(model_, settings.softmax_layers)
     if not hasattr(model_, _ORIGINAL):
         original = model_.config._attn_implementation
         if original in PATCHED:  # loaded as LSSA: "original" is transformers' default
@@ -158,7 +175,8 @@ def settings_of(model) -> LSSAConfig | None:
         return None
     stored = LSSAConfig.of(model_.config) or LSSAConfig()
     return LSSAConfig(variant=model_.config._attn_implementation, p=stored.p, backend=stored.backend,
-                      head_temperature=stored.head_temperature, ssmax_length=stored.ssmax_length)
+                      head_temperature=stored.head_temperature, ssmax_length=stored.ssmax_length,
+                      softmax_layers=stored.softmax_layers)
 
 
 def from_pretrained(name_or_path: str, variant: str | None = None, p: float | None = None,

@@ -23,6 +23,7 @@ class LSSAConfig:
     head_temperature: every attention module carries a learnable per-head multiplier of the length
         scale (``lssa_hf.temperature``); False is the paper's fixed scale.
     ssmax_length: "ssmax" only: the number of visible keys at which it equals softmax.
+    softmax_layers: indices of layers that keep softmax attention (SDPA): a hybrid model.
     """
 
     variant: str = "lssar"
@@ -30,6 +31,7 @@ class LSSAConfig:
     backend: str = "auto"
     head_temperature: bool = False
     ssmax_length: int = 512
+    softmax_layers: tuple = ()
 
     def __post_init__(self):
         from .attention import BACKENDS  # late import: attention imports kernels
@@ -42,6 +44,10 @@ class LSSAConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"Unknown LSSA backend {self.backend!r}: use one of {BACKENDS}.")
         object.__setattr__(self, "p", float(self.p))
+        layers = self.softmax_layers or ()
+        if isinstance(layers, (int, str)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ValueError(f"softmax_layers must be a list of layer indices (integers >= 0), got {layers!r}.")
+        object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
         object.__setattr__(self, "head_temperature", bool(self.head_temperature))
 
     def to_dict(self) -> dict:

@@ -99,7 +99,8 @@ def row_model(table: TableConfig, row: dict):
     base = {**table.base, **{k: v for k, v in row.items() if k not in ("name", "train")}}
     model, tokenizer = load(base.get("model", "smollm2"), rope=base.get("rope"))
     if base.get("attention", "softmax") != "softmax":
-        patch(model, variant=base["attention"], p=base.get("p", 15.0), ssmax_length=base.get("ssmax_length"))
+        patch(model, variant=base["attention"], p=base.get("p", 15.0), ssmax_length=base.get("ssmax_length"),
+              softmax_layers=base.get("softmax_layers"))
     return model, tokenizer, {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": base.get("attention", "softmax"),
                               "p": base.get("p", 15.0), "rope": base.get("rope")}
 

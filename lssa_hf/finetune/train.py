@@ -74,7 +74,7 @@ def build_model(config: FinetuneConfig):
     drop_gguf_marker(model)
     if config.attention != "softmax":
         patch(model, variant=config.attention, p=config.first_p, head_temperature=config.head_temperature,
-              ssmax_length=config.ssmax_length)
+              ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
     set_seed(config.seed)  # LoRA A matrices are drawn here: same init for every attention
     model = add_lora(model, config)
     if config.init_adapter:
@@ -233,6 +233,6 @@ def load_adapted(output_dir: str | Path, merge: bool = True):
     drop_gguf_marker(model)
     if config.attention != "softmax":
         patch(model, variant=config.attention, p=config.p, head_temperature=config.head_temperature,
-              ssmax_length=config.ssmax_length)
+              ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
     model = PeftModel.from_pretrained(model, out / "adapter")
     return (model.merge_and_unload() if merge else model).eval(), tokenizer

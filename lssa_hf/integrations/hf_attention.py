@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import lssa_attention
@@ -110,12 +111,20 @@ def _attention_forward(variant, module, query, key, value, attention_mask, dropo
     # similarities, which are bounded, so neither 1/sqrt(d) nor logit soft-capping applies.
     settings = LSSAConfig.of(getattr(module, "config", None)) or LSSAConfig(variant=variant)
     mask = visibility_mask(module, query, key, attention_mask, is_causal, **kwargs)
+    if getattr(module, "layer_idx", None) in settings.softmax_layers:
+        return _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs)
     out, weights = lssa_attention(
         query, key, value, mask, variant=variant, p=settings.p, dropout_p=dropout,
         return_weights=bool(kwargs.get("output_attentions")), backend=settings.backend,
         temperature=_temperature(module, settings),
     )
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs):
+    """A layer kept on softmax (``softmax_layers``): transformers' SDPA backend on the same mask."""
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _temperature(module, settings: LSSAConfig):
@@ -144,6 +153,8 @@ def ssmax_attention_forward(module, query, key, value, attention_mask, dropout=0
     _refuse_unsupported(module, kwargs)
     settings = LSSAConfig.of(getattr(module, "config", None)) or LSSAConfig(variant=SSMAX)
     mask = visibility_mask(module, query, key, attention_mask, is_causal, **kwargs)
+    if getattr(module, "layer_idx", None) in settings.softmax_layers:
+        return _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs)
     out, weights = ssmax_attention(query, key, value, mask, scaling=scaling, length=settings.ssmax_length,
                                    temperature=_temperature(module, settings), dropout_p=dropout,
                                    return_weights=bool(kwargs.get("output_attentions")))
