@@ -11,7 +11,7 @@ python recipes/adapt/run_table.py --config $CONFIG --name part-a \
   --rows "LSSAR p=5 + YaRN x2 + LoRA" "LSSAR p=5 + LoRA" "softmax (original)" "softmax + YaRN x4 (no training)" &
 A=$!
 python recipes/adapt/run_table.py --config $CONFIG --name part-b \
-  --rows "softmax + YaRN x2 + LoRA" "ssmax + LoRA" "softmax + LoRA" "softmax + YaRN x2 (no training)" &
+  --rows "softmax + YaRN x2 (no training)" "softmax + YaRN x2 + LoRA" "ssmax + LoRA" "softmax + LoRA" &
 B=$!
 wait $A
 wait $B
