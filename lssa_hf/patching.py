@@ -216,8 +216,8 @@ _PATCH_SETTINGS = [name for name in inspect.signature(patch).parameters if name 
 def set_attention(model, attention: str, **settings):
     """Give ``model`` the attention named ``attention`` (one of ``lssa_hf.ATTENTIONS``), the one verb
     every command, recipe and harness uses. "softmax" is the checkpoint's own attention: a patched
-    model is unpatched (LSSA ``settings`` do not apply to it and are ignored); "lssa"/"lssar" are
-    ``patch(model, variant=attention, **settings)``. Returns the same model."""
+    model is unpatched (LSSA ``settings`` do not apply to it and are ignored); every other name
+    ("lssa", "lssar", "ssmax") is ``patch(model, variant=attention, **settings)``. Returns the same model."""
     check_attention(attention)
     unknown = set(settings) - set(_PATCH_SETTINGS)
     if unknown:
