@@ -22,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .settings import ATTENTIONS
+from .evaluation import position_losses  # noqa: F401  (re-exported: part of this module's API)
+from .settings import ATTENTIONS, DEFAULT_P, SOFTMAX
 
 METRICS = ("all", "last")
-LOSS_SLICE = 1024  # positions per cross-entropy call in ``position_losses``
-OVERRIDES = ATTENTIONS  # softmax: the checkpoint's own attention
 
 
 @dataclass(frozen=True)
@@ -53,8 +51,8 @@ class ModelSpec:
         if override:
             variant, _, p_text = override.partition(":")
             p = float(p_text) if p_text else p
-        if variant is not None and variant not in OVERRIDES:
-            raise ValueError(f"Unknown attention {variant!r} in {text!r}: use one of {OVERRIDES}.")
+        if variant is not None and variant not in ATTENTIONS:
+            raise ValueError(f"Unknown attention {variant!r} in {text!r}: use one of {ATTENTIONS}.")
         return cls(path, variant, p, label or None, rope or None)
 
     def name(self) -> str:
@@ -71,25 +69,18 @@ class ModelSpec:
 def load_spec(spec: ModelSpec, device="cpu", dtype=torch.float32):
     """(model, tokenizer) with the spec's attention in force. LSSA checkpoints load as LSSA; a
     ``lssa-hf finetune`` output folder loads as its base model with its attention and merged adapter."""
-    from .finetune.train import RESULT, load_adapted
-    from .models import load
-    from .patching import is_patched, patch, settings_of, unpatch
+    from .models import load_any
+    from .patching import is_patched, set_attention, settings_of
     from .rope import apply_rope
 
-    if (Path(spec.path) / RESULT).exists():
-        model, tokenizer = load_adapted(spec.path)
-        model = model.to(dtype)
-    else:
-        model, tokenizer = load(spec.path, dtype=dtype)
+    model, tokenizer = load_any(spec.path, dtype=dtype)
     apply_rope(model, spec.rope)
-    if spec.variant == "softmax":
-        if is_patched(model):
-            unpatch(model)
+    if spec.variant == SOFTMAX:
+        set_attention(model, SOFTMAX)
     elif spec.variant is not None or (spec.p is not None and is_patched(model)):
         current = settings_of(model)
-        variant = spec.variant or current.variant
-        p = spec.p if spec.p is not None else (current.p if current else 15.0)
-        patch(model, variant=variant, p=p)
+        p = spec.p if spec.p is not None else (current.p if current else DEFAULT_P)
+        set_attention(model, spec.variant or current.variant, p=p)
     return model.to(device).eval(), tokenizer
 
 
@@ -100,29 +91,6 @@ def attention_of(model) -> str:
     if settings is None:
         return model.config._attn_implementation
     return settings.variant + (f" p={settings.p:g}" if settings.variant == "lssar" else "")
-
-
-@torch.no_grad()
-def position_losses(model, ids: torch.Tensor, length: int, batch_tokens: int = 8192, desc: str = "") -> torch.Tensor:
-    """Mean next-token loss at each of the ``length - 1`` predicted positions over the windows of
-    ``ids`` (non-overlapping, length ``length``)."""
-    from tqdm.auto import tqdm
-
-    n = ids.numel() // length
-    windows = ids[: n * length].view(n, length)
-    device = next(model.parameters()).device
-    total = torch.zeros(length - 1, dtype=torch.float64)
-    for chunk in tqdm(windows.split(max(1, batch_tokens // length)), desc=desc, leave=False):
-        chunk = chunk.to(device)
-        logits = model(chunk).logits
-        # in slices of positions: a float copy and a log-softmax of 16K x 49K logits would be 6 GB more
-        for start in range(0, length - 1, LOSS_SLICE):
-            stop = min(start + LOSS_SLICE, length - 1)
-            loss = F.cross_entropy(logits[:, start:stop].float().transpose(1, 2), chunk[:, start + 1: stop + 1],
-                                   reduction="none")
-            total[start:stop] += loss.sum(0).double().cpu()
-        del logits
-    return total / n
 
 
 def summarise(per_position: torch.Tensor, train_length: int) -> dict:

@@ -16,17 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-VARIANTS = ("lssa", "lssar")
-DEFAULT_P = 15.0
+from .settings import DEFAULT_P, VARIANTS, check_settings  # noqa: F401  (VARIANTS: re-exported)
+
 NORM_EPS = 1e-6
-
-
-def check_settings(variant: str, p: float) -> None:
-    """Raise a ValueError that names the fix for an unknown variant or a non-positive p."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown LSSA variant {variant!r}: use one of {VARIANTS}.")
-    if variant == "lssar" and not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
-        raise ValueError(f"LSSAR needs a finite re-weighting power p > 0 (paper default 15.0), got {p!r}.")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,22 +76,52 @@ def head_factor(temperature, query: torch.Tensor, dtype: torch.dtype):
     return temperature.to(device=query.device, dtype=dtype).reshape(1, hq, 1, 1)
 
 
-def softplus_scores(query, key, mask, dtype, temperature=None):
-    """Softplus scores (zero where masked) and N_i, both as (B, Hq, Lq, Lk)/(B, Hq, Lq, 1).
+# ---- the prologue every kernel shares: N_i, then unit q/k with c_i = tau_h log(d) log(N_i) folded into q
 
-    s_ij = tau_h log(d) log(N_i) <q^_i, k^_j>, tau_h = 1 unless a per-head ``temperature`` is given."""
-    b, hq, lq, d = query.shape
-    hkv, lk = key.shape[1], key.shape[2]
+
+def as_4d(mask: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """View a broadcastable bool mask as (Bm, Hm, Lq, Lk) with Bm in {1, B}, Hm in {1, Hq}."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask.expand(mask.shape[0], mask.shape[1], q_len, k_len)
+
+
+def visible_counts(mask4, q_len: int, k_len: int, device) -> torch.Tensor:
+    """N_i as a (Bm, Hm, Lq) int tensor from a mask ``as_4d``; None = causal, queries aligned to the
+    last keys ((1, 1, Lq))."""
+    if mask4 is None:
+        return (torch.arange(q_len, device=device) + (k_len - q_len + 1)).clamp(0, k_len).view(1, 1, q_len)
+    if mask4.is_contiguous():  # a uint8 view sums faster than bool
+        return mask4.view(torch.uint8).sum(-1, dtype=torch.int32)
+    return mask4.sum(-1)
+
+
+def scaled_unit_qk(query, key, counts: torch.Tensor, temperature=None):
+    """(c * q^, k^) in the compute dtype, c_i = tau_h log(d) log(N_i) from ``counts`` (Bm, Hm, Lq):
+    <c q^_i, k^_j> is the score s_ij, one multiply per row instead of per score. Autograd reaches a
+    learned ``temperature`` through the scaled query."""
+    dtype = compute_dtype(query.dtype)
     q, k = unit_qk(query, key, dtype)
-    cos = (q.reshape(b, hkv, (hq // hkv) * lq, d) @ k.transpose(-1, -2)).view(b, hq, lq, lk)
-    visible = mask.expand(b, hq, lq, lk)
-    n = mask.sum(-1, keepdim=True).to(dtype).expand(b, hq, lq, 1)  # count once, not per head
-    scale = length_scale(n, d)
+    scale = length_scale(counts.to(dtype), query.shape[-1]).unsqueeze(-1)  # (Bm, Hm, Lq, 1)
     tau = head_factor(temperature, query, dtype)
     if tau is not None:
         scale = scale * tau
-    sp = torch.where(visible, F.softplus(scale * cos), 0.0)
-    return sp, n, visible
+    return q * scale, k
+
+
+def softplus_scores(query, key, mask, temperature=None):
+    """Softplus scores (zero where masked), N_i and the visibility, as (B, Hq, Lq, Lk), (B, Hq, Lq, 1)
+    and (B, Hq, Lq, Lk), in the compute dtype. s_ij = tau_h log(d) log(N_i) <q^_i, k^_j>."""
+    b, hq, lq, d = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
+    mask4 = as_4d(mask, lq, lk)
+    counts = visible_counts(mask4, lq, lk, query.device)  # counted once, not per head
+    qs, k = scaled_unit_qk(query, key, counts, temperature)
+    qs = qs.expand(b, hq, lq, d)
+    s = (qs.reshape(b, hkv, (hq // hkv) * lq, d) @ k.transpose(-1, -2)).view(b, hq, lq, lk)
+    visible = mask4.expand(b, hq, lq, lk)
+    sp = torch.where(visible, F.softplus(s), 0.0)
+    return sp, counts.to(s.dtype).unsqueeze(-1).expand(b, hq, lq, 1), visible
 
 
 def reweight(sp: torch.Tensor, n: torch.Tensor, visible: torch.Tensor, p: float) -> torch.Tensor:
@@ -123,13 +145,16 @@ def lssa_weights(query, key, mask=None, *, variant: str = "lssa", p: float = DEF
     """Attention weights (B, Hq, Lq, Lk) in the compute dtype; fully masked rows are zero."""
     check_settings(variant, p)
     check_shapes(query, key, key)
-    dtype = compute_dtype(query.dtype)
+    return _weights(query, key, mask, variant, p, temperature)
+
+
+def _weights(query, key, mask, variant, p, temperature):
     if mask is None:
         mask = causal_mask(query.shape[-2], key.shape[-2], query.device)
-    sp, n, visible = softplus_scores(query, key, mask, dtype, temperature)
+    sp, n, visible = softplus_scores(query, key, mask, temperature)
     if variant == "lssar":
         return reweight(sp, n, visible, p)
-    return sp / sp.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    return sp / sp.sum(-1, keepdim=True).clamp_min(torch.finfo(sp.dtype).tiny)
 
 
 def materialized_attention(query, key, value, mask=None, *, variant="lssa", p=DEFAULT_P,
@@ -138,7 +163,14 @@ def materialized_attention(query, key, value, mask=None, *, variant="lssa", p=DE
 
     Returns (output (B, Hq, Lq, Dv) in the input dtype, weights or None).
     """
-    weights = lssa_weights(query, key, mask, variant=variant, p=p, temperature=temperature)
+    check_settings(variant, p)
+    check_shapes(query, key, value)
+    return _materialized(query, key, value, mask, variant, p, dropout_p, return_weights, temperature)
+
+
+def _materialized(query, key, value, mask, variant, p, dropout_p, return_weights, temperature):
+    """``materialized_attention`` for checked settings and shapes (``lssa_attention`` checks once)."""
+    weights = _weights(query, key, mask, variant, p, temperature)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
     b, hq, lq, lk = weights.shape

@@ -63,3 +63,49 @@ def load(model: str = DEFAULT_MODEL, dtype=None, rope=None, **kwargs):
     lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **extra, **kwargs)
     apply_rope(lm, rope)
     return lm.eval(), tokenizer
+
+
+# ---------------------------------------------------------------- adapted folders (``lssa-hf finetune``)
+
+RESULT = "finetune.json"  # written by the adaptation recipe into its output_dir
+
+
+def drop_gguf_marker(model):
+    """A GGUF checkpoint loaded with its weights dequantized is a plain float model, but transformers
+    keeps its quantizer attached, and Trainer refuses to train GGUF-"quantized" models: detach it."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
+        if not all(param.is_floating_point() for param in model.parameters()):
+            raise ValueError("This GGUF checkpoint was loaded with quantized kernels, which cannot be trained; "
+                             "load it dequantized (without the `kernels` package) or use a float checkpoint.")
+        quantizer.remove_quantization_config(model)
+    return model
+
+
+def load_adapted(output_dir, merge: bool = True):
+    """(model, tokenizer) of a finished ``lssa-hf finetune`` run: its base checkpoint with its attention
+    and the adapter (merged into the weights unless ``merge`` is False)."""
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from .finetune.config import FinetuneConfig
+    from .patching import set_attention
+
+    out = Path(output_dir)
+    config = FinetuneConfig(**json.loads((out / RESULT).read_text())["config"])
+    model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype), rope=config.rope)
+    drop_gguf_marker(model)
+    set_attention(model, config.attention, p=config.p, head_temperature=config.head_temperature,
+                  ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
+    model = PeftModel.from_pretrained(model, out / "adapter")
+    return (model.merge_and_unload() if merge else model).eval(), tokenizer
+
+
+def load_any(path: str, dtype=None):
+    """(model, tokenizer) of a checkpoint (``load``) or of an adapted folder (``load_adapted``, merged)."""
+    if (Path(path) / RESULT).exists():
+        model, tokenizer = load_adapted(path)
+        return (model if dtype is None else model.to(dtype)), tokenizer
+    return load(path, dtype=dtype)

@@ -1,15 +1,20 @@
-"""Switch a transformers model to LSSA/LSSAR and back: ``patch``, ``unpatch``, ``from_pretrained``."""
+"""Switch a transformers model's attention: ``set_attention`` (any name in ``ATTENTIONS``), built on
+``patch`` / ``unpatch``; ``update_settings`` for cheap changes of a patched model (a p schedule);
+``from_pretrained``."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import logging
 
 from transformers import PreTrainedModel
 
-from .settings import CONFIG_KEY, PATCHED, LSSAConfig
+from .integrations.hf_attention import register
 from .rope import apply_rope
-from .temperature import add_temperatures, has_temperatures, load_temperatures, remove_temperatures
+from .settings import CONFIG_KEY, DEFAULT_P, PATCHED, SOFTMAX, LSSAConfig, check_attention
+from .temperature import add_temperatures, has_temperatures, remove_temperatures, restore_temperatures
 
 logger = logging.getLogger(__name__)
 _ORIGINAL = "_lssa_original_attn_implementation"  # model attribute set by patch()
@@ -106,7 +111,7 @@ def _warn_ignored(model: PreTrainedModel) -> None:
             return
 
 
-def patch(model, variant: str = "lssar", p: float = 15.0, backend: str = "auto",
+def patch(model, variant: str = "lssar", p: float = DEFAULT_P, backend: str = "auto",
           head_temperature: bool | None = None, ssmax_length: int | None = None, softmax_layers=None):
     """Make ``model`` (a transformers model, or a peft model around one) use LSSA or LSSAR attention.
 
@@ -205,9 +210,38 @@ def from_pretrained(name_or_path: str, variant: str | None = None, p: float | No
     return model
 
 
-def restore_temperatures(model, name_or_path: str, **kwargs) -> None:
-    """Put back the per-head temperatures of a checkpoint saved with them (transformers drops them
-    when it builds the model); nothing to do for other checkpoints."""
-    stored = LSSAConfig.of(getattr(model, "config", None))
-    if stored is not None and stored.head_temperature and "gguf_file" not in kwargs:
-        load_temperatures(model, name_or_path, **kwargs)
+_PATCH_SETTINGS = [name for name in inspect.signature(patch).parameters if name not in ("model", "variant")]
+
+
+def set_attention(model, attention: str, **settings):
+    """Give ``model`` the attention named ``attention`` (one of ``lssa_hf.ATTENTIONS``), the one verb
+    every command, recipe and harness uses. "softmax" is the checkpoint's own attention: a patched
+    model is unpatched (LSSA ``settings`` do not apply to it and are ignored); every other name
+    ("lssa", "lssar", "ssmax") is ``patch(model, variant=attention, **settings)``. Returns the same model."""
+    check_attention(attention)
+    unknown = set(settings) - set(_PATCH_SETTINGS)
+    if unknown:
+        raise TypeError(f"Unknown attention settings {sorted(unknown)}: use {_PATCH_SETTINGS}.")
+    if attention == SOFTMAX:
+        if is_patched(model):
+            unpatch(model)
+        return model
+    return patch(model, variant=attention, **settings)
+
+
+def update_settings(model, **changes) -> LSSAConfig:
+    """Change ``p`` or ``backend`` of a patched model in place, without patching again (cheap enough
+    for every training step). Returns the new settings."""
+    model_ = base_model(model)
+    current = settings_of(model_)
+    if current is None:
+        raise ValueError("This model does not use LSSA: patch it (lssa_hf.set_attention) before updating settings.")
+    fixed = set(changes) & {"variant", "head_temperature"}
+    if fixed:
+        raise ValueError(f"{sorted(fixed)} change the model's modules or implementation: use lssa_hf.patch.")
+    settings = dataclasses.replace(current, **changes)
+    _set_settings(model_, settings)
+    return settings
+
+
+register()  # idempotent: ``import lssa_hf`` has done it, unless another import hook loaded transformers

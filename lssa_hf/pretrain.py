@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from .data import line_chunks, read_text
+from .evaluation import held_out_loss
+from .settings import ATTENTIONS, DEFAULT_P, check_attention
 
-ATTENTIONS = ("softmax", "lssa", "lssar")
 EOS = "<|endoftext|>"
 
 
@@ -28,7 +29,7 @@ class PretrainConfig:
 
     output_dir: str = "runs/extrapolation"
     variants: list = field(default_factory=lambda: list(ATTENTIONS))
-    p: float = 15.0
+    p: float = DEFAULT_P
     seed: int = 0
     train_text: list = field(default_factory=list)  # files, folders or dataset names; [] = built-in text
     eval_text: str | None = None  # held-out text, monitored at train_length during training
@@ -67,9 +68,8 @@ class PretrainConfig:
         return config
 
     def check(self) -> None:
-        bad = [v for v in self.variants if v not in ATTENTIONS]
-        if bad:
-            raise ValueError(f"Unknown attention {bad}: use {ATTENTIONS}.")
+        for attention in self.variants:
+            check_attention(attention)
         if isinstance(self.train_text, str):
             self.train_text = [self.train_text]
         for name in ("p", "lr", "min_lr_ratio", "weight_decay", "clip"):  # YAML reads "1e-3" as a string
@@ -170,7 +170,7 @@ def build_model(config: PretrainConfig, tokenizer, attention: str):
     every attention, since attention has no parameters of its own."""
     from transformers import AutoModelForCausalLM, LlamaConfig, set_seed
 
-    from .patching import patch
+    from .patching import set_attention
 
     values = dict(vocab_size=len(tokenizer), tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -179,9 +179,7 @@ def build_model(config: PretrainConfig, tokenizer, attention: str):
     values.update(config.model)
     set_seed(config.seed)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**values), attn_implementation="sdpa")
-    if attention != "softmax":
-        patch(model, variant=attention, p=config.p)
-    return model
+    return set_attention(model, attention, p=config.p)
 
 
 # ---------------------------------------------------------------- training
@@ -195,18 +193,6 @@ def schedule(config: PretrainConfig):
         progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-@torch.no_grad()
-def held_out_loss(model, ids: torch.Tensor, length: int, batch: int, n_batches: int, device) -> float:
-    """Mean next-token loss on the first ``n_batches`` batches of held-out windows at ``length``."""
-    n = min(ids.numel() // length, batch * n_batches)
-    windows = ids[: n * length].view(n, length).long()
-    was_training = model.training
-    model.eval()
-    losses = [model(w.to(device), labels=w.to(device)).loss.item() for w in windows.split(batch)]
-    model.train(was_training)
-    return sum(losses) / len(losses)
 
 
 def train_variant(config: PretrainConfig, attention: str, tokenizer, train_ids, eval_ids, accelerator=None):

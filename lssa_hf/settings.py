@@ -1,15 +1,58 @@
-"""User-facing settings of the LSSA backends, stored on a model's config as ``config.lssa``."""
+"""Names, defaults and the settings of the LSSA backends, defined once. Pure Python: no torch, no
+transformers, so every other module (the math included) imports from here.
+
+A patched model stores its settings on its config as ``config.lssa`` (a plain dict, saved in
+config.json); ``LSSAConfig.of(config)`` parses it once per distinct value, not on every call.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 from dataclasses import asdict, dataclass, fields
 
-from .functional import DEFAULT_P, VARIANTS, check_settings
-
-CONFIG_KEY = "lssa"
+VARIANTS = ("lssa", "lssar")  # the LSSA variants of the math (lssa_hf.functional)
 SSMAX = "ssmax"  # scaled-softmax baseline (lssa_hf.ssmax): same mask glue, SDPA underneath
-PATCHED = VARIANTS + (SSMAX,)  # attention implementations lssa_hf registers
-ATTENTIONS = ("softmax",) + PATCHED  # "softmax": the checkpoint's own attention
+PATCHED = VARIANTS + (SSMAX,)  # attention implementations lssa_hf registers (and ``patch`` sets)
+SOFTMAX = "softmax"  # a checkpoint's own attention
+ATTENTIONS = (SOFTMAX,) + PATCHED  # what commands, configs and the harness accept: a new one is one name here
+DEFAULT_P = 15.0  # LSSAR's re-weighting power (paper default)
+DEFAULT_SSMAX_LENGTH = 512  # keys at which ssmax equals softmax unless told (the recipes' block size)
+BACKENDS = ("auto", "materialized", "blocked", "blocked_compiled", "flex")  # see lssa_hf.attention
+BACKEND_ENV = "LSSA_BACKEND"  # forces a backend wherever the argument is "auto"
+CONFIG_KEY = "lssa"
+
+
+def check_settings(variant: str, p: float) -> None:
+    """Raise a ValueError that names the fix for an unknown variant or a non-positive p."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown LSSA variant {variant!r}: use one of {VARIANTS}.")
+    if variant == "lssar" and not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
+        raise ValueError(f"LSSAR needs a finite re-weighting power p > 0 (paper default {DEFAULT_P}), got {p!r}.")
+
+
+def check_length(length) -> int:
+    """An ssmax length: the number of visible keys at which ssmax equals softmax."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"ssmax_length (the number of keys at which ssmax equals softmax) must be an integer >= 2, "
+                         f"got {length!r}.")
+    return length
+
+
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTIONS:
+        raise ValueError(f"Unknown LSSA variant or attention {attention!r}: use one of {ATTENTIONS}.")
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The backend a call asks for: an explicit (non-"auto") argument, else ``LSSA_BACKEND``, else
+    "auto" (chosen per call by ``lssa_hf.attention.choose_backend``)."""
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown LSSA backend {backend!r}: use one of {BACKENDS}.")
+    return backend
 
 
 @dataclass(frozen=True)
@@ -19,7 +62,7 @@ class LSSAConfig:
     variant: "lssa" (softplus + length scaling), "lssar" (with re-weighting) or "ssmax" (the
         scaled-softmax baseline, ``lssa_hf.ssmax``).
     p: re-weighting power of LSSAR (paper default 15.0); ignored by "lssa" and "ssmax".
-    backend: "auto" or a forced kernel path (see ``lssa_hf.attention.BACKENDS``).
+    backend: "auto" or a forced kernel path (``BACKENDS``; ``LSSA_BACKEND`` applies where "auto").
     head_temperature: every attention module carries a learnable per-head multiplier of the length
         scale (``lssa_hf.temperature``); False is the paper's fixed scale.
     ssmax_length: "ssmax" only: the number of visible keys at which it equals softmax.
@@ -30,13 +73,10 @@ class LSSAConfig:
     p: float = DEFAULT_P
     backend: str = "auto"
     head_temperature: bool = False
-    ssmax_length: int = 512
+    ssmax_length: int = DEFAULT_SSMAX_LENGTH
     softmax_layers: tuple = ()
 
     def __post_init__(self):
-        from .attention import BACKENDS  # late import: attention imports kernels
-        from .ssmax import check_length
-
         if self.variant == SSMAX:
             check_length(self.ssmax_length)
         else:
@@ -63,6 +103,17 @@ class LSSAConfig:
 
     @classmethod
     def of(cls, config) -> "LSSAConfig | None":
-        """The settings stored on a transformers config, or None if it has none."""
+        """The settings stored on a transformers config, or None if it has none. Runs on every layer of
+        every forward: a value already seen is not parsed (nor checked) again."""
         values = getattr(config, CONFIG_KEY, None)
-        return None if values is None else cls.from_dict(values)
+        if values is None:
+            return None
+        try:  # lists (softmax_layers read back from config.json) as tuples: hashable
+            return _parse(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
+        except TypeError:  # an unhashable value: parse it plainly (and let the checks name it)
+            return cls.from_dict(values)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(items: tuple) -> LSSAConfig:
+    return LSSAConfig.from_dict(dict(items))

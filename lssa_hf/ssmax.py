@@ -15,25 +15,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .functional import causal_mask, compute_dtype, head_factor
-
-DEFAULT_LENGTH = 512  # keys at which ssmax equals softmax unless told (the recipes' block size)
+from . import functional
+from .functional import as_4d, causal_mask, compute_dtype, head_factor
+from .settings import DEFAULT_SSMAX_LENGTH as DEFAULT_LENGTH
+from .settings import check_length
 
 
 def visible_counts(mask, lq: int, lk: int, device) -> torch.Tensor:
-    """N_i as (B or 1, H or 1, Lq, 1) float32; ``mask`` None: causal, queries aligned to the last keys."""
-    if mask is None:
-        return (torch.arange(lk - lq + 1, lk + 1, device=device, dtype=torch.float32)).view(1, 1, lq, 1)
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask.sum(-1, keepdim=True, dtype=torch.float32)
-
-
-def check_length(length) -> int:
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise ValueError(f"ssmax_length (the number of keys at which ssmax equals softmax) must be an integer >= 2, "
-                         f"got {length!r}.")
-    return length
+    """N_i as (B or 1, H or 1, Lq, 1) float32 (``functional.visible_counts``, the kernels' count);
+    ``mask`` None: causal, queries aligned to the last keys."""
+    mask4 = None if mask is None else as_4d(mask, lq, lk)
+    return functional.visible_counts(mask4, lq, lk, device).unsqueeze(-1).float()
 
 
 def query_factor(n: torch.Tensor, length: int, query: torch.Tensor, temperature=None) -> torch.Tensor:

@@ -67,10 +67,30 @@ def add_temperatures(model) -> None:
             module.add_module(ATTRIBUTE, HeadTemperature(_num_heads(module), device))
 
 
-def remove_temperatures(model) -> None:
-    for module in attention_modules(model):
-        if ATTRIBUTE in module._modules:
-            del module._modules[ATTRIBUTE]
+def remove_temperatures(model) -> list[tuple[nn.Module, HeadTemperature]]:
+    """Take every attention module's temperature off; returns them for ``reattach``."""
+    kept = [(module, getattr(module, ATTRIBUTE)) for module in attention_modules(model)
+            if ATTRIBUTE in module._modules]
+    for module, _ in kept:
+        delattr(module, ATTRIBUTE)
+    return kept
+
+
+def reattach(kept: list[tuple[nn.Module, HeadTemperature]]) -> None:
+    """Put back temperatures taken off by ``remove_temperatures`` (the same parameters)."""
+    for module, temperature in kept:
+        module.add_module(ATTRIBUTE, temperature)
+
+
+def module_temperature(module, required: bool = False):
+    """tau of one attention module (None: the paper's fixed scale); ``required``: the settings say the
+    model has learned temperatures, so a module without one is a checkpoint loaded without them."""
+    found = getattr(module, ATTRIBUTE, None)
+    if found is None and required:
+        raise RuntimeError("This model was saved with learned per-head LSSA temperatures, which transformers "
+                           "does not load by itself: load it with lssa_hf.from_pretrained(path) (or call "
+                           "lssa_hf.temperature.restore_temperatures(model, path) after patch).")
+    return None if found is None else found()
 
 
 def temperatures(model) -> torch.Tensor:
@@ -93,6 +113,17 @@ def _checkpoint_files(name_or_path: str, **kwargs) -> list[str]:
         names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
         return [cached_file(name_or_path, name, **hub) for name in names]
     return [cached_file(name_or_path, "model.safetensors", **hub)]
+
+
+def restore_temperatures(model, name_or_path: str, **kwargs) -> None:
+    """Put back the per-head temperatures of a checkpoint saved with them (transformers builds the
+    attention modules without them and drops their weights); nothing to do for other checkpoints."""
+    from .settings import LSSAConfig
+
+    stored = LSSAConfig.of(getattr(model, "config", None))
+    if stored is not None and stored.head_temperature and "gguf_file" not in kwargs:
+        add_temperatures(model)
+        load_temperatures(model, name_or_path, **kwargs)
 
 
 def load_temperatures(model, name_or_path: str, **kwargs) -> None:

@@ -11,7 +11,7 @@ import lssa_hf
 from lssa_hf.cli import main
 from lssa_hf.data import builtin_text
 from lssa_hf.models import load
-from lssa_hf import extrapolation
+from lssa_hf import evaluation
 from lssa_hf.extrapolation import ModelSpec, extrapolate, format_table, plot, position_losses
 from lssa_hf.pretrain import PretrainConfig, batches, pretrain
 
@@ -84,7 +84,7 @@ def test_position_losses_in_slices_equal_one_cross_entropy(trained, monkeypatch)
     root, held_out, paths = trained
     model, tokenizer = load(str(paths["lssar"]))
     ids = lssa_hf.data.tokenize(tokenizer, held_out.read_text())[: 3 * 4 * T]
-    monkeypatch.setattr(extrapolation, "LOSS_SLICE", 7)  # slices that do not divide 4T - 1
+    monkeypatch.setattr(evaluation, "LOSS_SLICE", 7)  # slices that do not divide 4T - 1
     got = position_losses(model, ids, 4 * T, batch_tokens=2 * 4 * T)
     windows = ids.view(3, 4 * T)
     with torch.no_grad():

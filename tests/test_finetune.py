@@ -366,7 +366,7 @@ def test_table_rows_with_yarn_and_lssar_plus_yarn_past_the_window(checkpoint, tm
     """The baselines table in small: YaRN without and with LoRA, LSSAR + YaRN, ssmax, at twice the
     tiny model's 256-position window, plus a passkey cell; the trained YaRN models keep YaRN."""
     from lssa_hf.finetune.table import TableConfig, run_table
-    from lssa_hf.finetune.train import load_adapted
+    from lssa_hf.finetune import load_adapted
     from lssa_hf.rope import rope_of
 
     base = config(checkpoint, tmp_path, max_steps=2).to_dict()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..extrapolation import METRICS, OVERRIDES, ModelSpec
+from ..extrapolation import METRICS, ModelSpec
+from ..settings import ATTENTIONS
 
 
 def default_train_length(spec: ModelSpec) -> int:
@@ -55,9 +56,9 @@ def add_parser(subparsers) -> None:
                                    description=__doc__)
     parser.add_argument("models", nargs="+", metavar="MODEL",
                         help="checkpoint folder, hub name, .gguf or `lssa-hf finetune` output folder, optionally "
-                             "PATH@softmax|lssa|lssar[:P] to override its attention, PATH...+yarn:2 for RoPE scaling "
-                             "and PATH...=LABEL to name it")
-    parser.add_argument("--variant", choices=OVERRIDES, help="attention override for models without @...")
+                             "PATH@ATTENTION[:P] (softmax, lssa, lssar[:P], ...) to override its attention, "
+                             "PATH...+yarn:2 for RoPE scaling and PATH...=LABEL to name it")
+    parser.add_argument("--variant", choices=ATTENTIONS, help="attention override for models without @...")
     parser.add_argument("--p", type=float, help="LSSAR power override for models without @...:P")
     parser.add_argument("--rope", help="RoPE scaling for models without +ROPE, e.g. yarn:2 (lssa_hf.rope)")
     parser.add_argument("--text", default=None, help="held-out text: file, folder or dataset name[:config] "

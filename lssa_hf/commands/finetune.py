@@ -8,7 +8,7 @@ import os
 
 import yaml
 
-from ..finetune.config import ATTENTIONS
+from ..settings import ATTENTIONS
 
 
 def overrides(args) -> dict:

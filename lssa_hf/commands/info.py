@@ -44,7 +44,7 @@ def run(args) -> int:
         print(f"{name:>13}: {version(name)}")
     registered = [name for name in lssa_hf.VARIANTS if name in AttentionInterface._global_mapping]
     print(f"{'backends':>13}: {', '.join(registered)} (attn_implementation=...)")
-    from lssa_hf.attention import BACKENDS
+    from lssa_hf.settings import BACKENDS
     print(f"{'kernel paths':>13}: {', '.join(BACKENDS)} (force with LSSA_BACKEND=...)")
     from lssa_hf.kernels import native
     state = ("yes, built on first use" if native.supported() else

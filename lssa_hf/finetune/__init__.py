@@ -6,7 +6,8 @@ several processes), with an optional attention-transfer warm start.
     model, tokenizer = load_adapted("runs/adapt/lssar")
 """
 
+from ..models import load_adapted
 from .config import FinetuneConfig
-from .train import adapt, finetune, load_adapted
+from .train import adapt, finetune
 
 __all__ = ["FinetuneConfig", "adapt", "finetune", "load_adapted"]

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..rope import parse_rope
-from ..settings import ATTENTIONS, SSMAX
+from ..settings import DEFAULT_P, SOFTMAX, SSMAX, check_attention
 from .schedule import check_schedule
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ class FinetuneConfig:
 
     model: str = "smollm2"  # hub name, folder, .gguf file or "smollm2" (offline default)
     attention: str = "lssar"  # the attention trained *and* evaluated: re-weighting must be seen in training
-    p: float = 15.0
+    p: float = DEFAULT_P
     # LSSAR only: [[step, p], ...], piecewise linear, ending at `p` (finetune/schedule.py); None = constant p
     p_schedule: list | None = None
     # RoPE scaling set on load, trained with and kept ("yarn:2", {type: yarn, factor: 2}, "default";
@@ -87,8 +87,7 @@ class FinetuneConfig:
         for f in fields(self):  # YAML 1.1 reads "1e-3" as a string
             if isinstance(f.default, float) and isinstance(getattr(self, f.name), str):
                 setattr(self, f.name, float(getattr(self, f.name)))
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"Unknown attention {self.attention!r}: use one of {ATTENTIONS}.")
+        check_attention(self.attention)
         if self.precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {self.precision!r}: use one of {PRECISIONS}.")
         if isinstance(self.train_text, str):
@@ -97,11 +96,11 @@ class FinetuneConfig:
             raise ValueError("validation_fraction must be in [0, 1).")
         if self.eval_text is None and self.validation_fraction == 0:
             raise ValueError("Give eval_text or a validation_fraction > 0: validation loss needs held-out text.")
-        if self.head_temperature and self.attention == "softmax":
+        if self.head_temperature and self.attention == SOFTMAX:
             # the recipe's LSSA default meets the --attention softmax baseline: softmax has no length scale
             logger.info("head_temperature applies to LSSA only: off for the softmax baseline.")
             self.head_temperature = False
-        if self.warm_start and self.attention == "softmax":
+        if self.warm_start and self.attention == SOFTMAX:
             raise ValueError("The warm start matches LSSA layers to their softmax originals: it needs attention "
                              "'lssa' or 'lssar', not 'softmax'.")
         self.p = float(self.p)

@@ -1,7 +1,7 @@
 """A schedule for LSSAR's re-weighting power p during adaptation.
 
 A low p adapts a swapped softmax checkpoint fastest; a sharper one (p=6) extrapolates better past
-the context window (docs/finetune.md). ``p_schedule`` starts low and ends at the p that is saved and
+the context window (docs/finetune_results.md). ``p_schedule`` starts low and ends at the p that is saved and
 evaluated: piecewise linear through ``[[step, p], ...]``, constant before the first and after the
 last point.
 """
@@ -12,7 +12,7 @@ import math
 
 from transformers import TrainerCallback
 
-from ..patching import patch, settings_of
+from ..patching import settings_of, update_settings
 
 
 def check_schedule(schedule, p: float, max_steps: int) -> list[tuple[int, float]]:
@@ -57,9 +57,8 @@ class PowerSchedule(TrainerCallback):
         self.points = points  # [[step, p], ...] as checked by ``check_schedule``
 
     def _set(self, model, p: float) -> None:
-        settings = settings_of(model)
-        if settings.p != p:
-            patch(model, variant=settings.variant, p=p, backend=settings.backend, head_temperature=None)
+        if settings_of(model).p != p:
+            update_settings(model, p=p)  # no re-patching: only config.lssa changes
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._set(model, power_at(self.points, state.global_step))

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..commands.compare import mean_loss
 from ..data import blocks, read_text, tokenize
-from ..models import load
-from ..patching import patch
+from ..evaluation import mean_loss
+from ..models import DEFAULT_MODEL, RESULT, load, load_adapted
+from ..patching import set_attention
+from ..settings import DEFAULT_P, SOFTMAX
 from .config import FinetuneConfig
-from .train import RESULT, finetune, load_adapted, total_cost
+from .train import finetune, total_cost
 
 
 @dataclass
@@ -68,7 +69,7 @@ def run_folder(table: TableConfig, extra: dict, p: float) -> Path:
 def row_configs(table: TableConfig, row: dict) -> list[FinetuneConfig]:
     """One FinetuneConfig per p value of a trained row."""
     extra = {k: v for k, v in row.items() if k not in ("name", "train", "p")}
-    ps = row.get("p", 15.0)
+    ps = row.get("p", DEFAULT_P)
     ps = ps if isinstance(ps, list) else [ps]
     return [FinetuneConfig(**{**table.base, **extra, "p": p, "output_dir": str(run_folder(table, extra, p))})
             for p in ps]
@@ -97,12 +98,11 @@ def row_model(table: TableConfig, row: dict):
         model, tokenizer = load_adapted(folder)
         return model, tokenizer, training_cost(result)
     base = {**table.base, **{k: v for k, v in row.items() if k not in ("name", "train")}}
-    model, tokenizer = load(base.get("model", "smollm2"), rope=base.get("rope"))
-    if base.get("attention", "softmax") != "softmax":
-        patch(model, variant=base["attention"], p=base.get("p", 15.0), ssmax_length=base.get("ssmax_length"),
-              softmax_layers=base.get("softmax_layers"))
-    return model, tokenizer, {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": base.get("attention", "softmax"),
-                              "p": base.get("p", 15.0), "rope": base.get("rope")}
+    attention, p, rope = base.get("attention", SOFTMAX), base.get("p", DEFAULT_P), base.get("rope")
+    model, tokenizer = load(base.get("model", DEFAULT_MODEL), rope=rope)
+    set_attention(model, attention, p=p, ssmax_length=base.get("ssmax_length"),
+                  softmax_layers=base.get("softmax_layers"))
+    return model, tokenizer, {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": attention, "p": p, "rope": rope}
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import load
-from ..patching import patch
+from ..models import RESULT, drop_gguf_marker, load
+from ..patching import set_attention
 from .clock import WallClock, wall_clock
 from .config import FinetuneConfig
 from .data import build_datasets
@@ -23,9 +23,6 @@ from .lora import add_lora, attention_targets
 from .optim import AdaptTrainer
 from .schedule import PowerSchedule
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
-
-RESULT = "finetune.json"
-
 
 def precision_flags(precision: str) -> dict:
     """TrainingArguments' bf16/fp16 for ``precision`` on this machine ("auto": the best it supports)."""
@@ -54,27 +51,14 @@ def training_args(config: FinetuneConfig, folder: Path, steps: int, lr: float, w
     )
 
 
-def drop_gguf_marker(model):
-    """A GGUF checkpoint loaded with its weights dequantized is a plain float model, but transformers
-    keeps its quantizer attached, and Trainer refuses to train GGUF-"quantized" models: detach it."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "gguf":
-        if not all(param.is_floating_point() for param in model.parameters()):
-            raise ValueError("This GGUF checkpoint was loaded with quantized kernels, which cannot be trained; "
-                             "load it dequantized (without the `kernels` package) or use a float checkpoint.")
-        quantizer.remove_quantization_config(model)
-    return model
-
-
 def build_model(config: FinetuneConfig):
     """(peft model, tokenizer): the checkpoint with the configured attention and a fresh LoRA."""
     from transformers import set_seed
 
     model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype), rope=config.rope)
     drop_gguf_marker(model)
-    if config.attention != "softmax":
-        patch(model, variant=config.attention, p=config.first_p, head_temperature=config.head_temperature,
-              ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
+    set_attention(model, config.attention, p=config.first_p, head_temperature=config.head_temperature,
+                  ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
     set_seed(config.seed)  # LoRA A matrices are drawn here: same init for every attention
     model = add_lora(model, config)
     if config.init_adapter:
@@ -220,19 +204,3 @@ def save(model, tokenizer, out: Path, merge: bool) -> None:
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(out / "merged")  # config.json carries attn_implementation + lssa settings
         tokenizer.save_pretrained(out / "merged")
-
-
-def load_adapted(output_dir: str | Path, merge: bool = True):
-    """(model, tokenizer) of a finished run: its base checkpoint with its attention and the adapter
-    (merged into the weights unless ``merge`` is False)."""
-    from peft import PeftModel
-
-    out = Path(output_dir)
-    config = FinetuneConfig(**json.loads((out / RESULT).read_text())["config"])
-    model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype), rope=config.rope)
-    drop_gguf_marker(model)
-    if config.attention != "softmax":
-        patch(model, variant=config.attention, p=config.p, head_temperature=config.head_temperature,
-              ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
-    model = PeftModel.from_pretrained(model, out / "adapter")
-    return (model.merge_and_unload() if merge else model).eval(), tokenizer

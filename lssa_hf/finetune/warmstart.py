@@ -9,13 +9,14 @@ pre-hook), so the per-layer errors do not compound and each layer's q/k learn fr
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from ..evaluation import cheap_forward_kwargs
 from ..patching import base_model, is_patched, patch, settings_of, unpatch
-from ..temperature import ATTRIBUTE as TEMPERATURE
+from ..temperature import reattach, remove_temperatures
 from .lora import attention_modules
 from .optim import AdaptTrainer, is_temperature
 
@@ -28,13 +29,12 @@ def original_attention(model):
     if settings is None:
         yield model
         return
-    kept = [(m, m._modules[TEMPERATURE]) for m in attention_modules(model) if TEMPERATURE in m._modules]
+    kept = remove_temperatures(base_model(model))
     unpatch(model)
     try:
         yield model
     finally:
-        for module, temperature in kept:
-            module.add_module(TEMPERATURE, temperature)
+        reattach(kept)
         patch(model, **settings.to_dict())
 
 
@@ -100,17 +100,10 @@ class AttentionTaps:
         return [self.outputs[i] for i in range(len(self.modules))]
 
 
-def _cheap_inputs(model, input_ids):
-    """Forward kwargs that skip most of the LM head where the model allows it (only the hooks matter)."""
-    forward = base_model(model).forward
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
-    return {"input_ids": input_ids, "use_cache": False, **extra}
-
-
 def transfer_losses(model, input_ids, taps: AttentionTaps, student=None) -> torch.Tensor:
     """Per-layer MSE between the LSSA layer outputs of ``student`` (default ``model``; a DDP wrapper
     of it during training) and the softmax outputs of the frozen original, on the same layer inputs."""
-    inputs = _cheap_inputs(model, input_ids)
+    inputs = {"input_ids": input_ids, **cheap_forward_kwargs(model)}  # only the hooks matter
     with frozen_original(model):
         targets = taps.run(model, "record", **inputs)
     outputs = taps.run(student if student is not None else model, "replay", **inputs)

@@ -24,15 +24,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..models import resolve
+from ..patching import is_patched, set_attention, settings_of
 from ..rope import apply_rope, rope_of
-from ..patching import is_patched, patch, restore_temperatures, settings_of, unpatch
-from ..settings import LSSAConfig
-from ..temperature import add_temperatures
+from ..settings import SOFTMAX, LSSAConfig
+from ..temperature import restore_temperatures
 
 logger = logging.getLogger(__name__)
 
 HFLM_BACKENDS = ("default", "causal", "seq2seq")
-SOFTMAX = "softmax"
 
 
 class TruncationError(ValueError):
@@ -52,17 +51,11 @@ class LSSAHFLM(HFLM):
         self._auto_length = max_length in (None, "", "auto")
         super().__init__(pretrained, backend=backend, truncation=truncation, gguf_file=gguf_file,
                          max_length=None if self._auto_length else int(max_length), **kwargs)
-        if isinstance(pretrained, str) and gguf_file is None:
-            self._restore_temperatures(pretrained, kwargs.get("revision"))
+        if isinstance(pretrained, str) and gguf_file is None:  # HFLM's loader dropped learned temperatures
+            revision = kwargs.get("revision")
+            restore_temperatures(self._model, pretrained, **({"revision": revision} if revision else {}))
         apply_rope(self._model, rope)
         self._set_attention(variant, p, lssa_backend)
-
-    def _restore_temperatures(self, pretrained: str, revision) -> None:
-        """A checkpoint saved with learned per-head temperatures: HFLM's loader dropped them."""
-        stored = settings_of(self._model)
-        if stored is not None and stored.head_temperature:
-            add_temperatures(self._model)
-            restore_temperatures(self._model, pretrained, **({"revision": revision} if revision else {}))
 
     def _set_attention(self, variant, p, backend) -> None:
         model = self._model
@@ -70,13 +63,12 @@ class LSSAHFLM(HFLM):
         if variant == SOFTMAX:
             if p is not None or backend is not None:
                 raise ValueError("p and lssa_backend only apply to variant=lssa|lssar, not softmax.")
-            if is_patched(model):
-                unpatch(model)
+            set_attention(model, SOFTMAX)
             return
         if variant is None and is_patched(model) and p is None and backend is None:
             return  # an LSSA checkpoint or an already patched model: keep its settings
-        patch(model, variant=variant or stored.variant, p=stored.p if p is None else float(p),
-              backend=backend or stored.backend)
+        set_attention(model, variant or stored.variant, p=stored.p if p is None else float(p),
+                      backend=backend or stored.backend)
 
     @property
     def attention(self) -> str:

@@ -9,6 +9,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from ..settings import DEFAULT_P, SOFTMAX
+
 DEFAULT_METRICS = ("exact_match", "acc", "key_logprob", "token_perplexity")
 LENGTH_SUFFIX = re.compile(r"^(?P<family>.+)_(?P<n>\d+)(?P<k>k?)$")
 
@@ -26,8 +28,8 @@ def task_length(name: str, config: dict) -> tuple[str, int] | None:
 
 def run_label(config: dict) -> str:
     """"<model> <attention>" of one run; stock ``hf`` runs are softmax."""
-    attention = config.get("attention", "softmax")
-    if attention == "lssar" and config.get("lssa_p") not in (None, 15.0):
+    attention = config.get("attention", SOFTMAX)
+    if attention == "lssar" and config.get("lssa_p") not in (None, DEFAULT_P):
         attention += f" p={config['lssa_p']:g}"
     args = config.get("model_args") or {}
     if isinstance(args, str):  # simple_evaluate keeps the "k=v,k=v" string
@@ -61,7 +63,7 @@ def _cell(value: float | None) -> str:
 
 def _order(item) -> tuple:
     """Baselines (softmax) before LSSA variants, then by name."""
-    return ("softmax" not in item[0], item[0])
+    return (SOFTMAX not in item[0], item[0])
 
 
 def _length(n: int) -> str:

@@ -14,9 +14,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import lssa_attention
 from ..functional import causal_mask
-from ..settings import SSMAX, LSSAConfig
+from ..settings import PATCHED, SSMAX, LSSAConfig
 from ..ssmax import ssmax_attention
-from ..temperature import ATTRIBUTE as TEMPERATURE
+from ..temperature import module_temperature
 
 # Arguments that cannot be honoured: the error names the fix instead of silently changing the model.
 _REFUSED = {
@@ -109,14 +109,14 @@ def _attention_forward(variant, module, query, key, value, attention_mask, dropo
     _refuse_unsupported(module, kwargs)
     # `scaling` and `softcap` are ignored on purpose: LSSA's temperature is log(d)*log(N_i) on cosine
     # similarities, which are bounded, so neither 1/sqrt(d) nor logit soft-capping applies.
-    settings = LSSAConfig.of(getattr(module, "config", None)) or LSSAConfig(variant=variant)
+    settings = LSSAConfig.of(getattr(module, "config", None)) or _DEFAULTS[variant]  # parsed once per value
     mask = visibility_mask(module, query, key, attention_mask, is_causal, **kwargs)
     if getattr(module, "layer_idx", None) in settings.softmax_layers:
         return _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs)
     out, weights = lssa_attention(
         query, key, value, mask, variant=variant, p=settings.p, dropout_p=dropout,
         return_weights=bool(kwargs.get("output_attentions")), backend=settings.backend,
-        temperature=_temperature(module, settings),
+        temperature=module_temperature(module, settings.head_temperature),
     )
     return out.transpose(1, 2).contiguous(), weights
 
@@ -127,14 +127,7 @@ def _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs):
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _temperature(module, settings: LSSAConfig):
-    """The module's learned per-head temperatures (None: the paper's fixed scale)."""
-    found = getattr(module, TEMPERATURE, None)
-    if found is None and settings.head_temperature:
-        raise RuntimeError("This model was saved with learned per-head LSSA temperatures, which transformers "
-                           "does not load by itself: load it with lssa_hf.from_pretrained(path) (or call "
-                           "lssa_hf.patching.restore_temperatures(model, path) after patch).")
-    return None if found is None else found()
+_DEFAULTS = {variant: LSSAConfig(variant=variant) for variant in PATCHED}  # models loaded without settings
 
 
 def lssa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -151,12 +144,13 @@ def ssmax_attention_forward(module, query, key, value, attention_mask, dropout=0
                             **kwargs):
     """AttentionInterface backend "ssmax": softmax with the query scaled by tau_h log(N_i) / log(length)."""
     _refuse_unsupported(module, kwargs)
-    settings = LSSAConfig.of(getattr(module, "config", None)) or LSSAConfig(variant=SSMAX)
+    settings = LSSAConfig.of(getattr(module, "config", None)) or _DEFAULTS[SSMAX]
     mask = visibility_mask(module, query, key, attention_mask, is_causal, **kwargs)
     if getattr(module, "layer_idx", None) in settings.softmax_layers:
         return _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs)
     out, weights = ssmax_attention(query, key, value, mask, scaling=scaling, length=settings.ssmax_length,
-                                   temperature=_temperature(module, settings), dropout_p=dropout,
+                                   temperature=module_temperature(module, settings.head_temperature),
+                                   dropout_p=dropout,
                                    return_weights=bool(kwargs.get("output_attentions")))
     return out.transpose(1, 2).contiguous(), weights
 

@@ -28,29 +28,14 @@ import weakref
 
 import torch
 
-from ..functional import DEFAULT_P, compute_dtype, head_factor, unit_qk
+from ..functional import as_4d, scaled_unit_qk, visible_counts
+from ..settings import DEFAULT_P
 
 # Elements per strip (all batches and heads together). 1M fp32 = 4 MiB per strip temporary, i.e.
 # about one L2 cache per thread: measured fastest on CPU among 256K..16M (big strips spill to L3).
 DEFAULT_BUDGET = 1 << 20
 GPU_BUDGET = 1 << 26  # GPUs want fewer, bigger launches: 256 MiB per fp32 strip temporary
 MIN_BLOCK_Q, MAX_BLOCK_Q = 64, 1024  # thinner strips make GEMMs and dk/dv accumulation inefficient
-
-
-def _as_4d(mask: torch.Tensor, b: int, hq: int, lq: int, lk: int) -> torch.Tensor:
-    """View a broadcastable bool mask as (Bm, Hm, Lq, Lk) with Bm in {1, B}, Hm in {1, Hq}."""
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask.expand(mask.shape[0], mask.shape[1], lq, lk)
-
-
-def _visible_counts(mask4, lq: int, lk: int, device) -> torch.Tensor:
-    """N_i as a (Bm, Hm, Lq) int tensor ((1, 1, Lq) for the implicit causal mask)."""
-    if mask4 is None:
-        return (torch.arange(lq, device=device) + (lk - lq + 1)).clamp(0, lk).view(1, 1, lq)
-    if mask4.is_contiguous():  # a uint8 view sums faster than bool
-        return mask4.view(torch.uint8).sum(-1, dtype=torch.int32)
-    return mask4.sum(-1)
 
 
 SPAN_ROWS = 16  # rows per group whose visible-key span is computed together
@@ -349,12 +334,12 @@ def _cached_plan(mask, mask4, b, hq, lq, lk, block_q, budget, device):
     except RuntimeError:  # inference tensors have no version counter: do not cache
         version = None
     if version is None:
-        return _visible_counts(mask4, lq, lk, device), _plan(mask4, b, hq, lq, lk, block_q, budget)
+        return visible_counts(mask4, lq, lk, device), _plan(mask4, b, hq, lq, lk, block_q, budget)
     key = (id(mask), version, b, hq, lq, lk, block_q, budget, device)
     for entry in _plan_cache:
         if entry[0] == key and entry[1]() is mask:
             return entry[2], entry[3]
-    n, plan = _visible_counts(mask4, lq, lk, device), _plan(mask4, b, hq, lq, lk, block_q, budget)
+    n, plan = visible_counts(mask4, lq, lk, device), _plan(mask4, b, hq, lq, lk, block_q, budget)
     _plan_cache.append((key, weakref.ref(mask), n, plan))
     del _plan_cache[:-4]
     return n, plan
@@ -370,18 +355,11 @@ def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p:
     (Hq values) multiplies each head's length scale, and autograd reaches it through the scaled query."""
     b, hq, lq, d = query.shape
     lk = key.shape[2]
-    dtype = compute_dtype(query.dtype)
-    mask4 = None if mask is None else _as_4d(mask.to(query.device), b, hq, lq, lk)
+    mask4 = None if mask is None else as_4d(mask.to(query.device), lq, lk)
     if budget is None:
         budget = DEFAULT_BUDGET if query.device.type == "cpu" else GPU_BUDGET
     n, plan = _cached_plan(mask, mask4, b, hq, lq, lk, block_q, budget, query.device)
-    # c_i = log(d) log(N_i) folded into the unit query: one multiply per row instead of per score
-    scale = math.log(d) * torch.log(n.to(dtype).clamp_min(1))  # (Bm, Hm, Lq)
-    q, k = unit_qk(query, key, dtype)
-    qs = q * scale.unsqueeze(-1)
-    tau = head_factor(temperature, query, dtype)
-    if tau is not None:
-        qs = qs * tau
-    out = BlockedLSSA.apply(qs.contiguous(), k.contiguous(), value.to(dtype).contiguous(), mask4, n,
+    qs, k = scaled_unit_qk(query, key, n, temperature)
+    out = BlockedLSSA.apply(qs.contiguous(), k.contiguous(), value.to(qs.dtype).contiguous(), mask4, n,
                             variant, float(p), plan, EAGER_OPS if ops is None else ops)
     return out.to(query.dtype)

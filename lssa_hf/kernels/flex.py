@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from ..functional import DEFAULT_P, compute_dtype, head_factor, unit_qk
+from ..functional import as_4d, scaled_unit_qk, visible_counts
+from ..settings import DEFAULT_P
 
 try:
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
@@ -92,29 +93,26 @@ def _block_mask(mask, b, hq, lq, lk, device):
 
 def flex_lssa(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
               temperature=None) -> torch.Tensor:
-    """LSSA/LSSAR output (B, Hq, Lq, Dv) in the input dtype. Check ``supports`` first."""
-    b, hq, lq, d = query.shape
-    hkv, lk = key.shape[1], key.shape[2]
+    """LSSA/LSSAR output (B, Hq, Lq, Dv) in the input dtype, where ``supports`` says flex is exact."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, temperature)
                                            if t is not None)
     if not supports(query, key, mask, variant=variant, p=p, grad=grad):
         raise NotImplementedError("flex LSSA cannot run this call exactly here (see lssa_hf.kernels.flex); "
                                   "use backend='blocked'.")
+    return run(query, key, value, mask, variant=variant, p=p, temperature=temperature, grad=grad)
+
+
+def run(query, key, value, mask, *, variant: str, p: float, temperature, grad: bool) -> torch.Tensor:
+    """``flex_lssa`` once ``supports`` has said yes (``lssa_attention`` asks it once per call)."""
+    b, hq, lq, _ = query.shape
+    hkv, lk = key.shape[1], key.shape[2]
     _configs.add(_config_key(query, key, mask, variant, p, grad))
-    dtype = compute_dtype(query.dtype)
-    if mask is None:
-        n = (torch.arange(lq, device=query.device) + (lk - lq + 1)).clamp(0, lk).view(1, 1, lq)
-    else:
-        n = mask.sum(-1)
-        while n.dim() < 3:
-            n = n.unsqueeze(0)
-    n = n.expand(b, hq, lq).to(dtype)
-    scale = math.log(d) * torch.log(n.clamp_min(1))
-    q, k = unit_qk(query, key, dtype)
-    qs, v = q * scale.unsqueeze(-1), value.to(dtype)
-    tau = head_factor(temperature, query, dtype)
-    if tau is not None:  # folded into the query like the length scale: autograd reaches it there
-        qs = qs * tau
+    mask4 = None if mask is None else as_4d(mask, lq, lk)
+    n = visible_counts(mask4, lq, lk, query.device)
+    # the length scale (and tau) folded into the query: flex runs with scale=1
+    qs, k = scaled_unit_qk(query, key, n, temperature)
+    n = n.expand(b, hq, lq).to(qs.dtype)
+    dtype, v = qs.dtype, value.to(qs.dtype)
     block_mask = _block_mask(mask, b, hq, lq, lk, query.device)
 
     def lssa_mod(score, bi, hi, qi, ki):
