@@ -24,6 +24,24 @@ _C5, _C6, _C7, _C8, _C9 = (tl.constexpr(c) for c in LOG1P_RATIO[5:])
 _TINY = tl.constexpr(1.1754943508222875e-38)  # fp32 smallest normal
 
 
+# Reductions through tl.reduce with triton's own combine functions: tl.sum / tl.max / tl.min are
+# @jit functions fixed as compiled or interpreted when triton is imported, while these calls work in
+# both modes (the interpreter recognises the combine functions and reduces with numpy).
+@triton.jit
+def _sum(x, axis):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _min(x, axis):
+    return tl.reduce(x, axis, tl.standard._elementwise_min)
+
+
 @triton.jit
 def _round(x, PREC: tl.constexpr):
     """x (fp32) rounded to the operand precision PREC, kept in fp32."""
@@ -111,33 +129,33 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
     row_off = b * srb + h * srh + offs_m
     lo = tl.load(LO + row_off, mask=rows, other=Lk)
     hi = tl.load(HI + row_off, mask=rows, other=0)
-    k_lo = (tl.min(lo, 0) // BN) * BN
-    k_hi = tl.max(hi, 0)
+    k_lo = (_min(lo, 0) // BN) * BN
+    k_hi = _max(hi, 0)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
     kb = K + b * skb + (h // G) * skh
     vb = V + b * svb + (h // G) * svh
     mask_ptr = MASK + b * smb + h * smh
-    m = tl.zeros([BM], dtype=tl.float32)
+    m = tl.full([BM], 0.0, dtype=tl.float32)
     inv_scale = tl.full([BM], 1.0, dtype=tl.float32)
     fallback = m == 0.0
     if LSSAR:  # statistics pass: S (-> row mean m) and the row max of sp
         alpha = tl.load(ALPHA + row_off, mask=rows, other=0.0)
-        total = tl.zeros([BM], dtype=tl.float32)
-        top = tl.zeros([BM], dtype=tl.float32)
+        total = tl.full([BM], 0.0, dtype=tl.float32)
+        top = tl.full([BM], 0.0, dtype=tl.float32)
         for n0 in range(k_lo, k_hi, BN):
             offs_n = n0 + tl.arange(0, BN)
             kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
                          mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
             sp, _ = _softplus_sigmoid(_dot(q, kt, QK_PREC, EMULATE))
             sp = tl.where(_visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK), sp, 0.0)
-            total += tl.sum(sp, 1)
-            top = tl.maximum(top, tl.max(sp, 1))
+            total += _sum(sp, 1)
+            top = tl.maximum(top, _max(sp, 1))
         m = alpha * total
         fallback = top <= m
         inv_scale = 1.0 / tl.where(fallback, 1.0, top - m)
-    acc = tl.zeros([BM, BDV], dtype=tl.float32)
-    wsum = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.full([BM, BDV], 0.0, dtype=tl.float32)
+    wsum = tl.full([BM], 0.0, dtype=tl.float32)
     for n0 in range(k_lo, k_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
@@ -147,7 +165,7 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
         w = sp
         if LSSAR:
             w = _lssar_weights(sp, m, inv_scale, fallback, p)
-        wsum += tl.sum(w, 1)
+        wsum += _sum(w, 1)
         v = tl.load(vb + offs_n[:, None] * svn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
         acc += _dot(w, v, V_PREC, EMULATE)
@@ -192,8 +210,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
     row_off = b * srb + h * srh + offs_m
     lo = tl.load(LO + row_off, mask=rows, other=Lk)
     hi = tl.load(HI + row_off, mask=rows, other=0)
-    k_lo = (tl.min(lo, 0) // BN) * BN
-    k_hi = tl.max(hi, 0)
+    k_lo = (_min(lo, 0) // BN) * BN
+    k_hi = _max(hi, 0)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                 mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :],
@@ -207,15 +225,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
         inv_scale = tl.load(stat + 2 * plane, mask=rows, other=1.0)
         fallback = tl.load(stat + 3 * plane, mask=rows, other=1.0) != 0.0
     else:
-        m = tl.zeros([BM], dtype=tl.float32)
+        m = tl.full([BM], 0.0, dtype=tl.float32)
         inv_scale = m + 1.0
         fallback = m == 0.0
     kb = K + b * skb + (h // G) * skh
     vb = V + b * svb + (h // G) * svh
     mask_ptr = MASK + b * smb + h * smh
-    acc_h = tl.zeros([BM, BD], dtype=tl.float32)  # sum_j h_j sig_j k_j
-    acc_s = tl.zeros([BM, BD], dtype=tl.float32)  # sum_j sig_j k_j (LSSAR: the row-mean term)
-    gamma = tl.zeros([BM], dtype=tl.float32)
+    acc_h = tl.full([BM, BD], 0.0, dtype=tl.float32)  # sum_j h_j sig_j k_j
+    acc_s = tl.full([BM, BD], 0.0, dtype=tl.float32)  # sum_j sig_j k_j (LSSAR: the row-mean term)
+    gamma = tl.full([BM], 0.0, dtype=tl.float32)
     for n0 in range(k_lo, k_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
@@ -231,7 +249,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
         hh = tl.where(vis, hh, 0.0)
         acc_h += _dot(hh * sig, tl.trans(kt), V_PREC, EMULATE)
         if LSSAR:
-            gamma += tl.sum(hh, 1)
+            gamma += _sum(hh, 1)
             acc_s += _dot(sig, tl.trans(kt), V_PREC, EMULATE)
     inv_w = 1.0 / tl.maximum(wsum, _TINY)
     if LSSAR:
@@ -264,8 +282,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
                 mask=cols[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :],
                 mask=cols[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    dk = tl.zeros([BN, BD], dtype=tl.float32)
-    dv = tl.zeros([BN, BDV], dtype=tl.float32)
+    dk = tl.full([BN, BD], 0.0, dtype=tl.float32)
+    dv = tl.full([BN, BDV], 0.0, dtype=tl.float32)
     plane = HQ * Lq * (tl.num_programs(1) // hkv)
     n_lo = pid_n * BN
     for g in range(0, G):
@@ -278,7 +296,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
             row_off = b * srb + h * srh + offs_m
             lo = tl.load(LO + row_off, mask=rows, other=Lk)
             hi = tl.load(HI + row_off, mask=rows, other=0)
-            if (tl.min(lo, 0) < n_lo + BN) & (tl.max(hi, 0) > n_lo):  # some row sees this key block
+            if (_min(lo, 0) < n_lo + BN) & (_max(hi, 0) > n_lo):  # some row sees this key block
                 qt = tl.load(Q + b * sqb + h * sqh + offs_m[None, :] * sqm + offs_d[:, None],
                              mask=rows[None, :] & (offs_d[:, None] < D), other=0.0)
                 dot_ = tl.load(DO + b * sdb + h * sdh + offs_m[None, :] * sdm + offs_dv[:, None],
@@ -292,7 +310,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
                     fallback = tl.load(stat + 3 * plane, mask=rows, other=1.0) != 0.0
                     agamma = tl.load(GAMMA + bh * Lq + offs_m, mask=rows, other=0.0)
                 else:
-                    mm = tl.zeros([BM], dtype=tl.float32)
+                    mm = tl.full([BM], 0.0, dtype=tl.float32)
                     inv_scale = mm + 1.0
                     fallback = mm == 0.0
                     agamma = mm

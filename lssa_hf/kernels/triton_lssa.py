@@ -20,6 +20,7 @@ Runs on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON
 from __future__ import annotations
 
 import collections
+import functools
 import importlib.util
 import math
 import os
@@ -42,6 +43,7 @@ LAUNCHES: collections.Counter = collections.Counter()  # kernel name -> launches
 _modules: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """True when the triton package is installed (it is not imported here)."""
     return importlib.util.find_spec("triton") is not None
@@ -78,9 +80,12 @@ def kernels(interpret: bool):
         name = f"{__package__}._triton_kernels_{'interpreted' if interpret else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_triton_kernels.py"))
         module = importlib.util.module_from_spec(spec)
+        old = os.environ.get("TRITON_INTERPRET")
+        if "triton" not in sys.modules:  # import triton's own library compiled (see _triton_kernels)
+            os.environ.pop("TRITON_INTERPRET", None)
+            import triton  # noqa: F401
         from triton import knobs
 
-        old = os.environ.get("TRITON_INTERPRET")
         os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
         try:
             knobs.runtime.interpret = interpret
