@@ -7,8 +7,10 @@ row's visible key span [lo, hi) and, optionally, a boolean mask inside it. The m
 ``blocked.py`` (see its docstring); statistics are exact per row (LSSAR: one statistics pass over
 the keys, then the weighted pass), so nothing is rescaled online.
 
-Matmul operand precisions (``*_PREC``): 0 fp32 (tf32x3 on GPU), 1 tf32, 2 fp16, 3 bf16; the
-accumulation is always fp32. ``EMULATE`` (the interpreter) rounds operands to that precision and
+Matmul operand precisions: 0 fp32, 1 tf32, 2 fp16, 3 bf16, 4 tf32x3 (three tf32 products); the
+accumulation is always fp32. On GPU fp32 runs as tf32x3; the interpreter multiplies fp32 exactly for
+0 (fast: the tests) and emulates tf32x3 for 4 (the precision measurement). ``QK_PREC``: the scores q.k; ``V_PREC``: the matmuls with v or dout
+(w.v, dout.v, w.dout); ``G_PREC``: the gradient matmuls ds.k and ds.q. ``EMULATE`` (the interpreter) rounds operands to that precision and
 multiplies in fp32 instead: the interpreter cannot multiply bf16 tensors, and the products of
 rounded operands are exact in fp32, so this is the tensor-core arithmetic.
 """
@@ -58,9 +60,16 @@ def _round(x, PREC: tl.constexpr):
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr, EMULATE: tl.constexpr):
     """a @ b with operands in precision PREC, fp32 accumulation."""
-    if EMULATE:
+    if EMULATE and PREC == 4:  # tf32x3 exactly: a = hi + lo in tf32 each, lo * lo dropped
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+        ah, bh = _round(a, 1), _round(b, 1)
+        al, bl = _round(a - ah, 1), _round(b - bh, 1)
+        out = (tl.dot(ah, bl, input_precision="ieee") + tl.dot(al, bh, input_precision="ieee")
+               + tl.dot(ah, bh, input_precision="ieee"))
+    elif EMULATE:
         out = tl.dot(_round(a, PREC), _round(b, PREC), input_precision="ieee")
-    elif PREC == 0:
+    elif PREC == 0 or PREC == 4:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     elif PREC == 1:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
@@ -199,7 +208,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                    srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p,
                    LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, V_PREC: tl.constexpr,
-                   EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
+                   G_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
                    BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dq of one query block: coef (sum_j h_j sig_j k_j - alpha Gamma sum_j sig_j k_j); stores Gamma."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -247,10 +256,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
         gr = _dot(do, vt, V_PREC, EMULATE)
         _, hh = _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, LSSAR)
         hh = tl.where(vis, hh, 0.0)
-        acc_h += _dot(hh * sig, tl.trans(kt), V_PREC, EMULATE)
+        acc_h += _dot(hh * sig, tl.trans(kt), G_PREC, EMULATE)
         if LSSAR:
             gamma += _sum(hh, 1)
-            acc_s += _dot(sig, tl.trans(kt), V_PREC, EMULATE)
+            acc_s += _dot(sig, tl.trans(kt), G_PREC, EMULATE)
     inv_w = 1.0 / tl.maximum(wsum, _TINY)
     if LSSAR:
         alpha = tl.load(ALPHA + row_off, mask=rows, other=0.0)
@@ -269,7 +278,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                      srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p,
                      LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr,
-                     V_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                     V_PREC: tl.constexpr, G_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                      BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dk, dv of one key block of one KV head, summed over its G query heads and all query blocks."""
     pid_n, pid_bk = tl.program_id(0), tl.program_id(1)
@@ -324,7 +333,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
                 inv_w = 1.0 / tl.maximum(wsum, _TINY)
                 coef = tl.where(fallback, 1.0, p * inv_scale) * inv_w
                 ds = tl.where(vis, (hh - agamma[:, None]) * sig, 0.0) * coef[:, None]
-                dk += _dot(tl.trans(ds), tl.trans(qt), V_PREC, EMULATE)
+                dk += _dot(tl.trans(ds), tl.trans(qt), G_PREC, EMULATE)
                 dv += _dot(tl.trans(w * inv_w[:, None]), tl.trans(dot_), V_PREC, EMULATE)
     tl.store(DK + pid_bk * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk,
              mask=cols[:, None] & (offs_d[None, :] < D))

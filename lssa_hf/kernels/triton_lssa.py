@@ -10,8 +10,10 @@ learnable temperature); the kernels compute out and d(c q^), d(k^), dv exactly a
 
 Precision (``PRECISION``; measured in docs/kernels.md, ``benchmarks/triton_precision.py``): fp32
 inputs use fp32 operands (tf32x3 on GPU) everywhere; fp16/bf16 inputs use fp16 operands for the
-unit-vector scores q.k (10 mantissa bits, range safe: |c q^| <= c) and the input dtype for the
-value and gradient matmuls. Accumulation and all elementwise maths are fp32.
+scores q.k (unit vectors times c: 10 mantissa bits, no range issue), the input dtype for the
+matmuls with v and dout, and fp32 (tf32x3) for the gradient matmuls ds.k, ds.q: LSSAR gradients
+cancel strongly on peaked rows, and ds rounded to bf16/fp16 gave errors of 100x the gradient.
+Accumulation and all elementwise maths are fp32.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1``
 (slow: tests only). The module imports triton only when a kernel is first needed.
@@ -32,11 +34,12 @@ import torch
 
 from ..functional import DEFAULT_P, head_factor, unit_qk
 
-PREC = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3}
-STORAGE = {0: torch.float32, 1: torch.float32, 2: torch.float16, 3: torch.bfloat16}
-# (scores q.k, value/gradient matmuls) operand precision per input dtype; see the module docstring
-PRECISION = {torch.float32: ("fp32", "fp32"), torch.float16: ("fp16", "fp16"),
-             torch.bfloat16: ("fp16", "bf16")}
+PREC = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3, "tf32x3": 4}
+STORAGE = {0: torch.float32, 1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float32}
+# operand precision of (scores q.k, matmuls with v / dout, gradient matmuls ds.k and ds.q) per
+# input dtype; see the module docstring
+PRECISION = {torch.float32: ("fp32", "fp32", "fp32"), torch.float16: ("fp16", "fp16", "fp32"),
+             torch.bfloat16: ("fp16", "bf16", "fp32")}
 DTYPES = tuple(PRECISION)
 MAX_HEAD_DIM = 256
 LAUNCHES: collections.Counter = collections.Counter()  # kernel name -> launches (tests spy on it)
@@ -210,7 +213,7 @@ class TritonLSSA(torch.autograd.Function):
         hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
         interpret = qs.device.type == "cpu" or interpreting()
         mod = kernels(interpret)
-        qk_prec, v_prec = PREC[precision[0]], PREC[precision[1]]
+        qk_prec, v_prec, g_prec = (PREC[x] for x in precision)
         q_in, k_in = qs.to(STORAGE[qk_prec]).contiguous(), k.to(STORAGE[qk_prec]).contiguous()
         v_in = v.to(STORAGE[v_prec]).contiguous()
         lssar = variant == "lssar"
@@ -229,14 +232,14 @@ class TritonLSSA(torch.autograd.Function):
         ctx.save_for_backward(q_in, k_in, v_in, out, stats, lo, hi, alpha,
                               *([mask4] if mask4 is not None else []))
         ctx.meta, ctx.interpret, ctx.p, ctx.has_mask = meta, interpret, float(p), mask4 is not None
-        ctx.v_dtype = v.dtype
+        ctx.v_dtype, ctx.g_prec = v.dtype, g_prec
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q_in, k_in, v_in, out, stats, lo, hi, alpha, *rest = ctx.saved_tensors
         mask4 = rest[0] if ctx.has_mask else None
-        meta, mod = ctx.meta, kernels(ctx.interpret)
+        meta, mod = {**ctx.meta, "G_PREC": ctx.g_prec}, kernels(ctx.interpret)
         b, hq, lq, d = q_in.shape
         hkv, lk, dv = k_in.shape[1], k_in.shape[2], v_in.shape[-1]
         dout = dout.contiguous()
@@ -269,13 +272,13 @@ def triton_next_pow2(n: int) -> int:
 
 def triton_attention(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
                      temperature=None, window: int | None = None, doc_ids=None, cu_seqlens=None,
-                     precision: tuple[str, str] | None = None) -> torch.Tensor:
+                     precision: tuple[str, str, str] | None = None) -> torch.Tensor:
     """LSSA/LSSAR output (B, Hq, Lq, Dv) in the input dtype, through the Triton kernels.
 
     ``mask``: bool broadcastable to (B, Hq, Lq, Lk) (True = visible), or None: causal with queries
     aligned to the last keys, restricted to the last ``window`` keys and, for packed sequences
     (Lq = Lk), to each position's document (``doc_ids`` (B, L) or ``cu_seqlens``) — no mask is
-    materialised for those. ``precision``: override the (q.k, value) operand precisions."""
+    materialised for those. ``precision``: override ``PRECISION[dtype]``, the operand precisions."""
     reason = unusable_reason(query)
     if reason:
         raise RuntimeError(f"backend='triton' cannot run: {reason}.")
