@@ -9,10 +9,11 @@ the keys, then the weighted pass), so nothing is rescaled online.
 
 Matmul operand precisions: 0 fp32, 1 tf32, 2 fp16, 3 bf16, 4 tf32x3 (three tf32 products); the
 accumulation is always fp32. On GPU fp32 runs as tf32x3; the interpreter multiplies fp32 exactly for
-0 (fast: the tests) and emulates tf32x3 for 4 (the precision measurement). ``QK_PREC``: the scores q.k; ``V_PREC``: the matmuls with v or dout
-(w.v, dout.v, w.dout); ``G_PREC``: the gradient matmuls ds.k and ds.q. ``EMULATE`` (the interpreter) rounds operands to that precision and
-multiplies in fp32 instead: the interpreter cannot multiply bf16 tensors, and the products of
-rounded operands are exact in fp32, so this is the tensor-core arithmetic.
+0 (fast: the tests) and emulates tf32x3 for 4 (the precision measurement). ``QK_PREC``: the scores
+q.k; ``V_PREC``: the matmuls with v or dout (w.v, dout.v, w.dout); ``G_PREC``: the gradient
+matmuls ds.k and ds.q. ``EMULATE`` (the interpreter) rounds operands to their precision and
+multiplies in fp32: the interpreter cannot multiply bf16 tensors, and products of rounded operands
+are exact in fp32, so this is the tensor-core arithmetic.
 """
 
 import triton
