@@ -124,6 +124,57 @@ def _lssar_weights(sp, m, inv_scale, fallback, p):
 
 
 @triton.jit
+def _span(LO, HI, row_off, rows, Lk, BN: tl.constexpr):
+    """Rows' spans [lo, hi) and the key range of the block, from BN-aligned k_lo to k_hi."""
+    lo = tl.load(LO + row_off, mask=rows, other=Lk)
+    hi = tl.load(HI + row_off, mask=rows, other=0)
+    return lo, hi, (_min(lo, 0) // BN) * BN, _max(hi, 0)
+
+
+@triton.jit
+def _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, D: tl.constexpr,
+              HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, EMULATE: tl.constexpr, BN: tl.constexpr):
+    """Key tile at n0: (offs_n, k^T tile, visibility, softplus and sigmoid of the scores, 0 where hidden)."""
+    offs_n = n0 + tl.arange(0, BN)
+    kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
+                 mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+    vis = _visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK)
+    sp, sig = _softplus_sigmoid(_dot(q, kt, QK_PREC, EMULATE))
+    return offs_n, kt, vis, tl.where(vis, sp, 0.0), tl.where(vis, sig, 0.0)
+
+
+@triton.jit
+def _query_block(Q, LO, HI, sqb, sqh, sqm, srb, srh, Lq, Lk, HQ, D: tl.constexpr, BD: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr):
+    """This program's batch, head, query rows, their spans and the (BM, BD) query tile."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // HQ, pid_bh % HQ
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    rows = offs_m < Lq
+    row_off = b * srb + h * srh + offs_m
+    lo, hi, k_lo, k_hi = _span(LO, HI, row_off, rows, Lk, BN)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
+    return b, h, offs_m, rows, row_off, lo, hi, k_lo, k_hi, q
+
+
+@triton.jit
+def _saved_stats(stat, plane, rows, LSSAR: tl.constexpr, BM: tl.constexpr):
+    """Forward row statistics (W, m, 1/scale, fallback) at ``stat``; LSSA rows are fallback rows."""
+    wsum = tl.load(stat, mask=rows, other=0.0)
+    if LSSAR:
+        m = tl.load(stat + plane, mask=rows, other=0.0)
+        inv_scale = tl.load(stat + 2 * plane, mask=rows, other=1.0)
+        fallback = tl.load(stat + 3 * plane, mask=rows, other=1.0) != 0.0
+    else:
+        m = tl.full([BM], 0.0, dtype=tl.float32)
+        inv_scale = m + 1.0
+        fallback = m == 0.0
+    return wsum, m, inv_scale, fallback
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p,
@@ -131,18 +182,10 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
                 EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
     """One block of BM query rows of one head: out = sum_j w_j v_j / W, and the row statistics."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // HQ, pid_bh % HQ
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    pid_bh = tl.program_id(1)
     offs_d, offs_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    rows = offs_m < Lq
-    row_off = b * srb + h * srh + offs_m
-    lo = tl.load(LO + row_off, mask=rows, other=Lk)
-    hi = tl.load(HI + row_off, mask=rows, other=0)
-    k_lo = (_min(lo, 0) // BN) * BN
-    k_hi = _max(hi, 0)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
+    b, h, offs_m, rows, row_off, lo, hi, k_lo, k_hi, q = _query_block(Q, LO, HI, sqb, sqh, sqm, srb, srh, Lq, Lk,
+                                                                      HQ, D, BD, BM, BN)
     kb = K + b * skb + (h // G) * skh
     vb = V + b * svb + (h // G) * svh
     mask_ptr = MASK + b * smb + h * smh
@@ -154,11 +197,8 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
         total = tl.full([BM], 0.0, dtype=tl.float32)
         top = tl.full([BM], 0.0, dtype=tl.float32)
         for n0 in range(k_lo, k_hi, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
-                         mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-            sp, _ = _softplus_sigmoid(_dot(q, kt, QK_PREC, EMULATE))
-            sp = tl.where(_visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK), sp, 0.0)
+            _, _, _, sp, _ = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, D,
+                                       HAS_MASK, QK_PREC, EMULATE, BN)
             total += _sum(sp, 1)
             top = tl.maximum(top, _max(sp, 1))
         m = alpha * total
@@ -167,11 +207,8 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
     acc = tl.full([BM, BDV], 0.0, dtype=tl.float32)
     wsum = tl.full([BM], 0.0, dtype=tl.float32)
     for n0 in range(k_lo, k_hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-        sp, _ = _softplus_sigmoid(_dot(q, kt, QK_PREC, EMULATE))
-        sp = tl.where(_visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK), sp, 0.0)
+        offs_n, _, _, sp, _ = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, D,
+                                        HAS_MASK, QK_PREC, EMULATE, BN)
         w = sp
         if LSSAR:
             w = _lssar_weights(sp, m, inv_scale, fallback, p)
@@ -212,32 +249,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
                    G_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
                    BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     """dq of one query block: coef (sum_j h_j sig_j k_j - alpha Gamma sum_j sig_j k_j); stores Gamma."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // HQ, pid_bh % HQ
-    offs_m = pid_m * BM + tl.arange(0, BM)
+    pid_bh = tl.program_id(1)
     offs_d, offs_dv = tl.arange(0, BD), tl.arange(0, BDV)
-    rows = offs_m < Lq
-    row_off = b * srb + h * srh + offs_m
-    lo = tl.load(LO + row_off, mask=rows, other=Lk)
-    hi = tl.load(HI + row_off, mask=rows, other=0)
-    k_lo = (_min(lo, 0) // BN) * BN
-    k_hi = _max(hi, 0)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=rows[:, None] & (offs_d[None, :] < D), other=0.0)
+    b, h, offs_m, rows, row_off, lo, hi, k_lo, k_hi, q = _query_block(Q, LO, HI, sqb, sqh, sqm, srb, srh, Lq, Lk,
+                                                                      HQ, D, BD, BM, BN)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_dv[None, :],
                  mask=rows[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    stat = STATS + pid_bh * Lq + offs_m
     plane = HQ * Lq * (tl.num_programs(1) // HQ)
-    wsum = tl.load(stat, mask=rows, other=0.0)
+    wsum, m, inv_scale, fallback = _saved_stats(STATS + pid_bh * Lq + offs_m, plane, rows, LSSAR, BM)
     delta = tl.load(DELTA + pid_bh * Lq + offs_m, mask=rows, other=0.0)
-    if LSSAR:
-        m = tl.load(stat + plane, mask=rows, other=0.0)
-        inv_scale = tl.load(stat + 2 * plane, mask=rows, other=1.0)
-        fallback = tl.load(stat + 3 * plane, mask=rows, other=1.0) != 0.0
-    else:
-        m = tl.full([BM], 0.0, dtype=tl.float32)
-        inv_scale = m + 1.0
-        fallback = m == 0.0
     kb = K + b * skb + (h // G) * skh
     vb = V + b * svb + (h // G) * svh
     mask_ptr = MASK + b * smb + h * smh
@@ -245,15 +265,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
     acc_s = tl.full([BM, BD], 0.0, dtype=tl.float32)  # sum_j sig_j k_j (LSSAR: the row-mean term)
     gamma = tl.full([BM], 0.0, dtype=tl.float32)
     for n0 in range(k_lo, k_hi, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
-                     mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+        offs_n, kt, vis, sp, sig = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk,
+                                             D, HAS_MASK, QK_PREC, EMULATE, BN)
         vt = tl.load(vb + offs_n[None, :] * svn + offs_dv[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
-        vis = _visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK)
-        sp, sig = _softplus_sigmoid(_dot(q, kt, QK_PREC, EMULATE))
-        sp = tl.where(vis, sp, 0.0)
-        sig = tl.where(vis, sig, 0.0)
         gr = _dot(do, vt, V_PREC, EMULATE)
         _, hh = _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, LSSAR)
         hh = tl.where(vis, hh, 0.0)
@@ -304,26 +319,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
             offs_m = m0 + tl.arange(0, BM)
             rows = offs_m < Lq
             row_off = b * srb + h * srh + offs_m
-            lo = tl.load(LO + row_off, mask=rows, other=Lk)
-            hi = tl.load(HI + row_off, mask=rows, other=0)
-            if (_min(lo, 0) < n_lo + BN) & (_max(hi, 0) > n_lo):  # some row sees this key block
+            lo, hi, k_lo, k_hi = _span(LO, HI, row_off, rows, Lk, BN)
+            if (k_lo < n_lo + BN) & (k_hi > n_lo):  # some row sees this key block
                 qt = tl.load(Q + b * sqb + h * sqh + offs_m[None, :] * sqm + offs_d[:, None],
                              mask=rows[None, :] & (offs_d[:, None] < D), other=0.0)
                 dot_ = tl.load(DO + b * sdb + h * sdh + offs_m[None, :] * sdm + offs_dv[:, None],
                                mask=rows[None, :] & (offs_dv[:, None] < DV), other=0.0)
-                stat = STATS + bh * Lq + offs_m
-                wsum = tl.load(stat, mask=rows, other=0.0)
+                wsum, mm, inv_scale, fallback = _saved_stats(STATS + bh * Lq + offs_m, plane, rows, LSSAR, BM)
                 delta = tl.load(DELTA + bh * Lq + offs_m, mask=rows, other=0.0)
-                if LSSAR:
-                    mm = tl.load(stat + plane, mask=rows, other=0.0)
-                    inv_scale = tl.load(stat + 2 * plane, mask=rows, other=1.0)
-                    fallback = tl.load(stat + 3 * plane, mask=rows, other=1.0) != 0.0
-                    agamma = tl.load(GAMMA + bh * Lq + offs_m, mask=rows, other=0.0)
-                else:
-                    mm = tl.full([BM], 0.0, dtype=tl.float32)
-                    inv_scale = mm + 1.0
-                    fallback = mm == 0.0
-                    agamma = mm
+                agamma = tl.load(GAMMA + bh * Lq + offs_m, mask=rows, other=0.0)  # zeros for LSSA
                 # tiles are (BM, BN) as in the other kernels, built from transposed loads
                 vis = _visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK)
                 sp, sig = _softplus_sigmoid(tl.trans(_dot(k, qt, QK_PREC, EMULATE)))
