@@ -151,6 +151,18 @@ def test_interpreter_half_precision(dtype, ulp, variant, p, interpret):
     _compare(q, k, v, _masks("padding", 1, 40, 40), variant, p, 4 * ulp + score, 8 * ulp + score)
 
 
+def test_interpreter_bf16_peaked_lssar_gradients(interpret):
+    """Peaked rows at a long-context length scale: LSSAR gradients cancel strongly, so an output
+    from bf16-rounded weights (through D = <dout, out>) or bf16 ds gave errors ~100x the gradient
+    (docs/kernels.md); the training precisions must stay within the half-precision tolerance."""
+    q, k, v = _inputs(1, 2, 1, 40, 40, 16, torch.bfloat16)
+    idx = torch.arange(40) * 7 % 40 * torch.arange(40) // 40  # one earlier key per query
+    q = (k.float().expand(1, 2, 40, 16)[:, :, idx] + 0.1 * q.float()).to(torch.bfloat16)
+    tau = torch.tensor([3.0, 3.0])  # c ~ 3 log(16) log(40): the length scale of ~100K keys
+    tol = 8 * 2.0 ** -8 + 15 * 2.0 ** -11
+    _compare(q, k, v, None, "lssar", 15.0, tol, temperature=tau)
+
+
 def test_interpreter_zero_rows_finite(interpret):
     q, k, v = _inputs(1, 2, 2, 20, 20, 16, torch.float32)
     q[:, :, 3] = 0

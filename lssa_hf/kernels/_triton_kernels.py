@@ -10,8 +10,8 @@ the keys, then the weighted pass), so nothing is rescaled online.
 Matmul operand precisions: 0 fp32, 1 tf32, 2 fp16, 3 bf16, 4 tf32x3 (three tf32 products); the
 accumulation is always fp32. On GPU fp32 runs as tf32x3; the interpreter multiplies fp32 exactly for
 0 (fast: the tests) and emulates tf32x3 for 4 (the precision measurement). ``QK_PREC``: the scores
-q.k; ``V_PREC``: the matmuls with v or dout (w.v, dout.v, w.dout); ``G_PREC``: the gradient
-matmuls ds.k and ds.q. ``EMULATE`` (the interpreter) rounds operands to their precision and
+q.k; ``O_PREC``: the output w.v; ``V_PREC``: the backward matmuls with v or dout (dout.v, w.dout);
+``G_PREC``: the gradient matmuls ds.k and ds.q. ``EMULATE`` (the interpreter) rounds operands to their precision and
 multiplies in fp32: the interpreter cannot multiply bf16 tensors, and products of rounded operands
 are exact in fp32, so this is the tensor-core arithmetic.
 """
@@ -178,7 +178,7 @@ def _saved_stats(stat, plane, rows, LSSAR: tl.constexpr, BM: tl.constexpr):
 def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p,
-                LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, V_PREC: tl.constexpr,
+                LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, O_PREC: tl.constexpr,
                 EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
     """One block of BM query rows of one head: out = sum_j w_j v_j / W, and the row statistics."""
@@ -215,7 +215,7 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
         wsum += _sum(w, 1)
         v = tl.load(vb + offs_n[:, None] * svn + offs_dv[None, :],
                     mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < DV), other=0.0)
-        acc += _dot(w, v, V_PREC, EMULATE)
+        acc += _dot(w, v, O_PREC, EMULATE)
     out = acc / tl.maximum(wsum, _TINY)[:, None]
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], out,
              mask=rows[:, None] & (offs_dv[None, :] < DV))

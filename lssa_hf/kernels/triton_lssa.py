@@ -9,11 +9,12 @@ normalisation are computed here in torch (autograd takes the gradients through t
 learnable temperature); the kernels compute out and d(c q^), d(k^), dv exactly as ``blocked.py``.
 
 Precision (``PRECISION``; measured in docs/kernels.md, ``benchmarks/triton_precision.py``): fp32
-inputs use fp32 operands (tf32x3 on GPU) everywhere; fp16/bf16 inputs use fp16 operands for the
-scores q.k (unit vectors times c: 10 mantissa bits, no range issue), the input dtype for the
-matmuls with v and dout, and fp32 (tf32x3) for the gradient matmuls ds.k, ds.q: LSSAR gradients
-cancel strongly on peaked rows, and ds rounded to bf16/fp16 gave errors of 100x the gradient.
-Accumulation and all elementwise maths are fp32.
+inputs use fp32 operands (tf32x3 on GPU) everywhere. fp16/bf16 inputs use fp16 operands for the
+scores q.k (unit vectors times c: 10 mantissa bits, no range issue), the input dtype for the matmuls
+with v and dout, except the output w.v when gradients are needed, and fp32 (tf32x3) for the
+gradient matmuls ds.k, ds.q. LSSAR gradients cancel strongly on peaked rows: an output whose
+weights were rounded to bf16 (through D = <dout, out>) or ds rounded to bf16/fp16 gave gradient
+errors of about 100x the gradient. Accumulation and all elementwise maths are fp32.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1``
 (slow: tests only). The module imports triton only when a kernel is first needed.
@@ -36,10 +37,11 @@ from ..functional import DEFAULT_P, head_factor, unit_qk
 
 PREC = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3, "tf32x3": 4}
 STORAGE = {0: torch.float32, 1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float32}
-# operand precision of (scores q.k, matmuls with v / dout, gradient matmuls ds.k and ds.q) per
-# input dtype; see the module docstring
-PRECISION = {torch.float32: ("fp32", "fp32", "fp32"), torch.float16: ("fp16", "fp16", "fp32"),
-             torch.bfloat16: ("fp16", "bf16", "fp32")}
+# operand precision of (scores q.k, output w.v, backward matmuls with v / dout, gradient matmuls
+# ds.k and ds.q) per input dtype; training runs w.v in fp32 (TRAIN_OUT): see the module docstring
+PRECISION = {torch.float32: ("fp32", "fp32", "fp32", "fp32"), torch.float16: ("fp16", "fp16", "fp16", "fp32"),
+             torch.bfloat16: ("fp16", "bf16", "bf16", "fp32")}
+TRAIN_OUT = "fp32"
 DTYPES = tuple(PRECISION)
 MAX_HEAD_DIM = 256
 LAUNCHES: collections.Counter = collections.Counter()  # kernel name -> launches (tests spy on it)
@@ -213,14 +215,14 @@ class TritonLSSA(torch.autograd.Function):
         hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
         interpret = qs.device.type == "cpu" or interpreting()
         mod = kernels(interpret)
-        qk_prec, v_prec, g_prec = (PREC[x] for x in precision)
+        qk_prec, o_prec, v_prec, g_prec = (PREC[x] for x in precision)
         q_in, k_in = qs.to(STORAGE[qk_prec]).contiguous(), k.to(STORAGE[qk_prec]).contiguous()
         v_in = v.to(STORAGE[v_prec]).contiguous()
         lssar = variant == "lssar"
         out = torch.empty(b, hq, lq, dv, device=qs.device, dtype=torch.float32)
         stats = torch.empty(4 if lssar else 1, b * hq, lq, device=qs.device, dtype=torch.float32)
         bm, bn = _blocks(interpret, d)
-        meta = dict(LSSAR=lssar, HAS_MASK=mask4 is not None, QK_PREC=qk_prec, V_PREC=v_prec, EMULATE=interpret,
+        meta = dict(LSSAR=lssar, HAS_MASK=mask4 is not None, QK_PREC=qk_prec, O_PREC=o_prec, EMULATE=interpret,
                     D=d, DV=dv, BD=max(16, triton_next_pow2(d)), BDV=max(16, triton_next_pow2(dv)), BM=bm, BN=bn)
         if not interpret:
             meta["num_warps"] = 8 if d > 64 else 4
@@ -232,14 +234,15 @@ class TritonLSSA(torch.autograd.Function):
         ctx.save_for_backward(q_in, k_in, v_in, out, stats, lo, hi, alpha,
                               *([mask4] if mask4 is not None else []))
         ctx.meta, ctx.interpret, ctx.p, ctx.has_mask = meta, interpret, float(p), mask4 is not None
-        ctx.v_dtype, ctx.g_prec = v.dtype, g_prec
+        ctx.v_dtype, ctx.bwd_prec = v.dtype, {"V_PREC": v_prec, "G_PREC": g_prec}
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q_in, k_in, v_in, out, stats, lo, hi, alpha, *rest = ctx.saved_tensors
         mask4 = rest[0] if ctx.has_mask else None
-        meta, mod = {**ctx.meta, "G_PREC": ctx.g_prec}, kernels(ctx.interpret)
+        meta = {k: x for k, x in ctx.meta.items() if k != "O_PREC"} | ctx.bwd_prec
+        mod = kernels(ctx.interpret)
         b, hq, lq, d = q_in.shape
         hkv, lk, dv = k_in.shape[1], k_in.shape[2], v_in.shape[-1]
         dout = dout.contiguous()
@@ -272,7 +275,7 @@ def triton_next_pow2(n: int) -> int:
 
 def triton_attention(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
                      temperature=None, window: int | None = None, doc_ids=None, cu_seqlens=None,
-                     precision: tuple[str, str, str] | None = None) -> torch.Tensor:
+                     precision: tuple[str, str, str, str] | None = None) -> torch.Tensor:
     """LSSA/LSSAR output (B, Hq, Lq, Dv) in the input dtype, through the Triton kernels.
 
     ``mask``: bool broadcastable to (B, Hq, Lq, Lk) (True = visible), or None: causal with queries
@@ -309,6 +312,9 @@ def triton_attention(query, key, value, mask=None, *, variant: str = "lssa", p: 
     tau = head_factor(temperature, query, torch.float32)
     if tau is not None:
         qs = qs * tau
-    precision = precision or PRECISION[query.dtype]
+    if precision is None:
+        precision = PRECISION[query.dtype]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, value)):
+            precision = (precision[0], TRAIN_OUT, *precision[2:])
     out = TritonLSSA.apply(qs, k, value, lo, hi, alpha, mask4, variant, float(p), precision)
     return out.to(query.dtype)
