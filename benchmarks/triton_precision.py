@@ -1,6 +1,6 @@
 """Operand precision of the Triton kernels' matmuls, measured against the float64 reference.
 
-    TRITON_INTERPRET=1 python benchmarks/triton_precision.py     # ~3 minutes on 2 CPU cores
+    TRITON_INTERPRET=1 python benchmarks/triton_precision.py     # ~10 minutes on 2 busy CPU cores
 
 Runs the real kernels under Triton's interpreter, which rounds each matmul operand to the chosen
 precision and multiplies in fp32 (exactly what tensor cores do with fp32 accumulation; tf32x3 as

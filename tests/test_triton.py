@@ -153,7 +153,7 @@ def test_interpreter_half_precision(dtype, ulp, variant, p, interpret):
 
 def test_interpreter_bf16_peaked_lssar_gradients(interpret):
     """Peaked rows at a long-context length scale: LSSAR gradients cancel strongly, so an output
-    from bf16-rounded weights (through D = <dout, out>) or bf16 ds gave errors ~100x the gradient
+    from bf16-rounded weights (through D = <dout, out>) gave errors of several times the gradient
     (docs/kernels.md); the training precisions must stay within the half-precision tolerance."""
     q, k, v = _inputs(1, 2, 1, 40, 40, 16, torch.bfloat16)
     idx = torch.arange(40) * 7 % 40 * torch.arange(40) // 40  # one earlier key per query

@@ -8,13 +8,13 @@ tile by tile inside their rows' spans. N_i, the length scale c_i = tau_h log(d) 
 normalisation are computed here in torch (autograd takes the gradients through them to q, k and a
 learnable temperature); the kernels compute out and d(c q^), d(k^), dv exactly as ``blocked.py``.
 
-Precision (``PRECISION``; measured in docs/kernels.md, ``benchmarks/triton_precision.py``): fp32
-inputs use fp32 operands (tf32x3 on GPU) everywhere. fp16/bf16 inputs use fp16 operands for the
-scores q.k (unit vectors times c: 10 mantissa bits, no range issue), the input dtype for the matmuls
-with v and dout, except the output w.v when gradients are needed, and fp32 (tf32x3) for the
-gradient matmuls ds.k, ds.q. LSSAR gradients cancel strongly on peaked rows: an output whose
-weights were rounded to bf16 (through D = <dout, out>) or ds rounded to bf16/fp16 gave gradient
-errors of about 100x the gradient. Accumulation and all elementwise maths are fp32.
+Precision (``PRECISION``, ``TRAIN_OUT``; measured in docs/kernels.md,
+``benchmarks/triton_precision.py``): fp32 inputs use fp32 operands (tf32x3 on GPU) everywhere.
+fp16/bf16 inputs use fp16 operands for the scores q.k (unit vectors times c: 10 mantissa bits, no
+range issue), the input dtype for the matmuls with v and dout, except the output w.v when gradients
+are needed (the backward's D = <dout, out> must match its fp32 weights: on peaked LSSAR rows the
+gradient terms cancel, and bf16 output weights gave errors of several times the gradient), and
+fp32 (tf32x3) for the gradient matmuls ds.k, ds.q. Accumulation and elementwise maths are fp32.
 
 Runs on CUDA tensors, or on CPU tensors under Triton's interpreter when ``TRITON_INTERPRET=1``
 (slow: tests only). The module imports triton only when a kernel is first needed.
