@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import functools
 import importlib.util
-import math
 import os
 import sys
 import weakref
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..functional import DEFAULT_P, head_factor, unit_qk
+from ..functional import DEFAULT_P, as_4d, scaled_unit_qk
 
 PREC = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3, "tf32x3": 4}
 STORAGE = {0: torch.float32, 1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float32}
@@ -172,10 +171,7 @@ def mask_layout(mask, b: int, hq: int, lq: int, lk: int):
     for entry in _layout_cache:
         if key is not None and entry[0] == key and entry[1]() is mask:
             return entry[2]
-    mask4 = mask
-    while mask4.dim() < 4:
-        mask4 = mask4.unsqueeze(0)
-    mask4 = mask4.expand(mask4.shape[0], mask4.shape[1], lq, lk)
+    mask4 = as_4d(mask, lq, lk)
     lo, hi, n = _mask_rows(mask4, lk)
     dense = bool((n != (hi - lo).clamp_min(0)).any())
     layout = (lo, hi, n, mask4 if dense else None)
@@ -307,11 +303,7 @@ def triton_attention(query, key, value, mask=None, *, variant: str = "lssa", p: 
     lo, hi = lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
     nf = n.float()
     alpha = torch.where(n > 3, 1.0 / nf.clamp_min(1), 0.0).contiguous()  # [N > 3] / N
-    q, k = unit_qk(query, key, torch.float32)
-    qs = q * (math.log(d) * torch.log(nf.clamp_min(1))).unsqueeze(-1)  # c_i folded into the query
-    tau = head_factor(temperature, query, torch.float32)
-    if tau is not None:
-        qs = qs * tau
+    qs, k = scaled_unit_qk(query, key, n, temperature)  # c_i folded into the query
     if precision is None:
         precision = PRECISION[query.dtype]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, value)):
