@@ -16,10 +16,15 @@ environment variable ``LSSA_BACKEND``; an explicit argument wins over the enviro
   ``LSSA_COMPILE=0`` disables compilation everywhere, ``LSSA_NATIVE=0`` the native kernel.
 * ``flex``: ``torch.nn.attention.flex_attention`` (``kernels/flex.py``); used where it is valid
   (see ``flex.supports``), otherwise the call runs ``blocked`` instead.
+* ``triton``: Triton kernels (``kernels/triton_lssa.py``), forward and backward, fp32/fp16/bf16;
+  CUDA, or CPU under Triton's interpreter (``TRITON_INTERPRET=1``, tests). Forcing it where it
+  cannot run (no triton, CPU without the interpreter, fp64) raises an error that names the fix.
 
 ``auto`` (default): materialized up to ``MATERIALIZE_MAX_ELEMENTS`` score elements (B*Hq*Lq*Lk)
-or when weights/dropout are requested; above, on CUDA flex where valid else blocked; on CPU
-blocked_compiled (flex was measured slower on CPU), or blocked when compilation is disabled.
+or when weights/dropout are requested; above, on CUDA triton when it is installed (flex where
+valid otherwise, then blocked; triton is the CUDA default unmeasured against flex: no GPU was lent to
+measure it, ``benchmarks/gpu_check.py`` does); on CPU blocked_compiled (flex was measured slower
+on CPU), or blocked when compilation is disabled.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from .functional import _materialized, check_shapes
-from .kernels import blocked, compiled, flex
+from .kernels import blocked, compiled, flex, triton_lssa
 from .settings import BACKEND_ENV, BACKENDS, DEFAULT_P, check_settings, resolve_backend  # noqa: F401
 
 # Score elements (B*Hq*Lq*Lk) up to which the materialised path is used: below this it is as
@@ -52,6 +57,8 @@ def _backend_for(backend, query, key, mask, variant, p, grad, needs_weights, dro
         b, hq, lq, _ = query.shape
         if b * hq * lq * key.shape[-2] <= MATERIALIZE_MAX_ELEMENTS:
             return "materialized"
+        if query.device.type == "cuda" and triton_lssa.supports(query):
+            return "triton"
         backend = "flex" if query.device.type == "cuda" else None
     if backend == "flex" and flex.supports(query, key, mask, variant=variant, p=p, grad=grad):
         return "flex"
@@ -81,6 +88,9 @@ def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: fl
     backend = _backend_for(backend, query, key, mask, variant, p, grad, return_weights, dropout_p)
     if backend == "materialized":
         return _materialized(query, key, value, mask, variant, p, dropout_p, return_weights, temperature)
+    if backend == "triton":
+        return triton_lssa.triton_attention(query, key, value, mask, variant=variant, p=p,
+                                            temperature=temperature), None
     if backend == "flex":
         return flex.run(query, key, value, mask, variant=variant, p=p, temperature=temperature, grad=grad), None
     ops = compiled.compiled_ops() if backend == "blocked_compiled" else None
