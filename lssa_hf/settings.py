@@ -19,7 +19,7 @@ SOFTMAX = "softmax"  # a checkpoint's own attention
 ATTENTIONS = (SOFTMAX,) + PATCHED  # what commands, configs and the harness accept: a new one is one name here
 DEFAULT_P = 15.0  # LSSAR's re-weighting power (paper default)
 DEFAULT_SSMAX_LENGTH = 512  # keys at which ssmax equals softmax unless told (the recipes' block size)
-BACKENDS = ("auto", "materialized", "blocked", "blocked_compiled", "flex")  # see lssa_hf.attention
+BACKENDS = ("auto", "materialized", "blocked", "native", "blocked_compiled", "flex")  # see lssa_hf.attention
 BACKEND_ENV = "LSSA_BACKEND"  # forces a backend wherever the argument is "auto"
 CONFIG_KEY = "lssa"
 
