@@ -28,7 +28,7 @@ def check_settings(variant: str, p: float) -> None:
     """Raise a ValueError that names the fix for an unknown variant or a non-positive p."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown LSSA variant {variant!r}: use one of {VARIANTS}.")
-    if variant == "lssar" and not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
+    if variant == "lssar" and not (isinstance(p, (int, float)) and 0 < p < math.inf):  # traceable; False for NaN
         raise ValueError(f"LSSAR needs a finite re-weighting power p > 0 (paper default {DEFAULT_P}), got {p!r}.")
 
 
@@ -96,7 +96,7 @@ class LSSAConfig:
     @classmethod
     def from_dict(cls, values: dict | None) -> "LSSAConfig":
         values = dict(values or {})
-        unknown = set(values) - {f.name for f in fields(cls)}
+        unknown = set(values) - set(cls.__dataclass_fields__)  # not fields(cls): torch.compile traces this
         if unknown:
             raise ValueError(f"Unknown LSSA settings {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}.")
         return cls(**values)

@@ -106,7 +106,7 @@ def test_blocked_float64_matches_reference(case, variant, impl):
 
 
 @pytest.mark.parametrize("impl", ["torch", "native"])
-@pytest.mark.parametrize("p", [1.0, 3.0, 15.0, 40.0])
+@pytest.mark.parametrize("p", [1.0, 2.5, 3.0, 15.0, 40.0])
 def test_blocked_lssar_powers(p, impl):
     q, k, v = _inputs(2, 4, 2, 45, 45, 16)
     mask = _masks("padding", 2, 45, 45)

@@ -52,12 +52,35 @@ inline Vectorized<T> sigmoid(const Vectorized<T>& s, const Vectorized<T>& e) {
   return num / (one + e);
 }
 
-// u^q for u >= 0 and q > 0, in log space; 0 where u = 0
+// u^q for 0 <= u <= 1 and q > 0; 0 where u = 0. Integer q (LSSAR's usual 15, 5) by repeated
+// squaring (a few multiplies instead of a log and an exp), other q in log space. Bases whose power
+// would be subnormal (u < tiny^(1/q)) give 0: that drops weights below 1e-38 of the row's largest
+// (fp32) and avoids slow subnormal arithmetic.
 template <typename T>
-inline Vectorized<T> pow_pos(const Vectorized<T>& u, T q) {
-  const Vectorized<T> zero(T(0));
-  return Vectorized<T>::blendv(zero, (u.log() * Vectorized<T>(q)).exp(), u > zero);
-}
+struct Power {
+  T q;
+  int64_t iq;  // q as an integer, or 0 when q is not one
+  Vectorized<T> floor_u;
+
+  explicit Power(T q_) : q(q_), iq(0), floor_u(T(0)) {
+    if (q >= 0 && q <= 64 && q == std::floor(q)) iq = (int64_t)q;
+    floor_u = Vectorized<T>(q > 0 ? (T)std::pow((double)std::numeric_limits<T>::min(), 1.0 / (double)q) : T(0));
+  }
+  Vectorized<T> operator()(const Vectorized<T>& u) const {
+    const Vectorized<T> zero(T(0));
+    const Vectorized<T> x = Vectorized<T>::blendv(zero, u, u >= floor_u);
+    if (iq > 0 || q == 0) {  // q = 0 (LSSAR p = 1 in backward): 1 where u > 0
+      Vectorized<T> result = q == 0 ? Vectorized<T>::blendv(zero, Vectorized<T>(T(1)), x > zero) : Vectorized<T>(T(1));
+      Vectorized<T> base = x;
+      for (int64_t e = iq; e > 0; e >>= 1) {
+        if (e & 1) result = result * base;
+        if (e > 1) base = base * base;
+      }
+      return result;
+    }
+    return Vectorized<T>::blendv(zero, (x.log() * Vectorized<T>(q)).exp(), x > zero);
+  }
+};
 
 // Calls f(j, n) over [0, w) in vector steps; n < V::size() only for the last one.
 template <typename T, typename F>
@@ -134,7 +157,7 @@ T fwd_lssa_row(T* x, int64_t w) {
 
 // LSSAR forward row: x <- weights; writes W, m, 1/scale, fallback (blocked.fwd_lssar).
 template <typename T>
-void fwd_lssar_row(T* x, int64_t w, T alpha, T p, T* st) {
+void fwd_lssar_row(T* x, int64_t w, T alpha, const Power<T>& pow_p, T* st) {
   using V = Vectorized<T>;
   V sum(T(0)), top(T(0)), e;
   for_vec<T>(w, [&](int64_t j, int64_t n) {
@@ -152,7 +175,7 @@ void fwd_lssar_row(T* x, int64_t w, T alpha, T p, T* st) {
     const V vm(m), vinv(inv_scale), zero(T(0));
     for_vec<T>(w, [&](int64_t j, int64_t n) {
       const V u = at::vec::maximum((V::loadu(x + j, n) - vm) * vinv, zero);
-      const V wt = head(pow_pos(u, p), n);
+      const V wt = head(pow_p(u), n);
       wt.store(x + j, n);
       acc = acc + wt;
     });
@@ -178,7 +201,8 @@ void bwd_lssa_row(T* x, T* gr, int64_t w, T delta) {
 // LSSAR backward row (non-fallback): x <- weights u^p, gr <- (h - alpha sum h) sigmoid(x) with
 // h = u^(p-1) (gr - D); sig: a row of scratch.
 template <typename T>
-void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T alpha, T p) {
+void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T alpha,
+                   const Power<T>& pow_pm1) {
   using V = Vectorized<T>;
   const V vd(delta), vm(m), vinv(inv_scale), zero(T(0));
   V hsum(T(0)), e;
@@ -187,7 +211,7 @@ void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T 
     const V sp = softplus(s, e);
     const V sg = sigmoid(s, e);
     const V u = at::vec::maximum((sp - vm) * vinv, zero);
-    const V um1 = pow_pos(u, p - T(1));  // relu'(0) = 0: zero where u = 0, for every p
+    const V um1 = pow_pm1(u);  // relu'(0) = 0: zero where u = 0, for every p
     (um1 * u).store(x + j, n);
     const V h = head(um1 * (V::loadu(gr + j, n) - vd), n);
     hsum = hsum + h;
@@ -197,6 +221,18 @@ void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T 
   const V shift(alpha * sum_of(hsum));
   for_vec<T>(w, [&](int64_t j, int64_t n) {
     (V::loadu(gr + j, n) - shift * V::loadu(sig + j, n)).store(gr + j, n);
+  });
+}
+
+// dst (+)= src * c over n values
+template <typename T>
+void scale_row(T* dst, const T* src, int64_t n, T c, bool accumulate) {
+  using V = Vectorized<T>;
+  const V vc(c);
+  for_vec<T>(n, [&](int64_t j, int64_t m) {
+    V x = V::loadu(src + j, m) * vc;
+    if (accumulate) x = x + V::loadu(dst + j, m);
+    x.store(dst + j, m);
   });
 }
 
@@ -259,7 +295,9 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
                                                       : std::numeric_limits<double>::min();
   AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "lssa_strips_forward", [&] {
     scalar_t* stp = stats.data_ptr<scalar_t>();
+    scalar_t* op = out5.data_ptr<scalar_t>();
     const scalar_t* al = alpha.data_ptr<scalar_t>();
+    const Power<scalar_t> pow_p((scalar_t)p);
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
       const int64_t w = st.width();
@@ -275,15 +313,21 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
           zero_tail(x, vis, w);
           if (lssar) {
             scalar_t row_st[4];
-            fwd_lssar_row(x, vis, al[gr], scalar_t(p), row_st);
+            fwd_lssar_row(x, vis, al[gr], pow_p, row_st);
             for (int c = 0; c < 4; ++c) stp[c * plane + gr] = row_st[c];
           } else {
             stp[gr] = fwd_lssa_row(x, vis);
           }
         }
       });
-      auto o = at::matmul(s, v.slice(2, st.k0, st.k1)).view({b, hkv, g, st.bq(), dv});
-      out5.slice(3, st.q0, st.q1).copy_(o).div_(stats[0].slice(3, st.q0, st.q1).unsqueeze(-1).clamp_min(tiny));
+      const auto o = at::matmul(s, v.slice(2, st.k0, st.k1));
+      const scalar_t* orow = o.data_ptr<scalar_t>();
+      at::parallel_for(0, st.rows(), grain(dv), [&](int64_t r0, int64_t r1) {  // out = o / W
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t gr = st.global(r);
+          scale_row(op + gr * dv, orow + r * dv, dv, scalar_t(1) / std::max(stp[gr], scalar_t(tiny)), false);
+        }
+      });
     }
   });
   return {out5.view({b, hq, lq, dv}), stats};
@@ -316,6 +360,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
     const scalar_t* stp = stats.data_ptr<scalar_t>();
     const scalar_t* al = alpha.data_ptr<scalar_t>();
     const scalar_t* dl = delta.data_ptr<scalar_t>();
+    scalar_t* dqp = dq5.data_ptr<scalar_t>();
+    const Power<scalar_t> pow_pm1((scalar_t)(p - 1.0));
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
       const int64_t w = st.width(), bq = st.bq();
@@ -338,7 +384,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
           zero_tail(gx, vis, w);
           if (lssar && stp[3 * plane + gi] == scalar_t(0)) {
             bwd_lssar_row(x, gx, scratch.data(), vis, dl[gi], stp[plane + gi], stp[2 * plane + gi],
-                          al[gi], scalar_t(p));
+                          al[gi], pow_pm1);
           } else {  // LSSA, or an LSSAR fallback row (LSSA weights)
             bwd_lssa_row(x, gx, vis, dl[gi]);
           }
@@ -351,7 +397,13 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
         coef = at::where(fb > 0, at::ones_like(fb), rows_of(stats[2], st) * p) * inv_total;
       }
       // per-row coefficients go on the small operands, not on the strip
-      dq5.slice(3, st.q0, st.q1).add_((at::matmul(grad, ks) * coef).view({b, hkv, g, bq, d}));
+      const auto dqs = at::matmul(grad, ks).contiguous();
+      const scalar_t* dqr = dqs.data_ptr<scalar_t>();
+      const auto coef_c = coef.contiguous();
+      const scalar_t* cf = coef_c.data_ptr<scalar_t>();
+      at::parallel_for(0, st.rows(), grain(d), [&](int64_t r0, int64_t r1) {  // dq += coef (ds k)
+        for (int64_t r = r0; r < r1; ++r) scale_row(dqp + st.global(r) * d, dqr + r * d, d, cf[r], true);
+      });
       dk.slice(2, st.k0, st.k1).flatten(0, 1).baddbmm_(grad.transpose(-1, -2).flatten(0, 1),
                                                         (qb * coef).flatten(0, 1));
       dvv.slice(2, st.k0, st.k1).flatten(0, 1).baddbmm_(s.transpose(-1, -2).flatten(0, 1),
