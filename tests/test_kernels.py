@@ -219,7 +219,7 @@ def test_auto_uses_memory_efficient_path_above_threshold(variant, backend, monke
     monkeypatch.delenv("LSSA_BACKEND", raising=False)
     monkeypatch.setattr(attention, "MATERIALIZE_MAX_ELEMENTS", 1 << 20)
     monkeypatch.setattr(blocked, "DEFAULT_BUDGET", 1 << 18)
-    b, h, L = 1, 2, 2048  # B*H*L*L = 8M score elements, 8x the threshold
+    b, h, L = 1, 2, 3072  # B*H*L*L = 18M score elements, 18x the threshold
     q, k, v = (t.requires_grad_() for t in _inputs(b, h, h, L, L, 16, torch.float32))
     assert choose_backend(q, k, needs_weights=False, dropout_p=0.0, variant=variant) == "native"
 
@@ -229,8 +229,11 @@ def test_auto_uses_memory_efficient_path_above_threshold(variant, backend, monke
         assert weights is None
 
     step()  # warm (plan cache, build)
-    # a few strips (~budget elements each) and the inputs' size of gradients, never B*H*L*L scores
-    assert _peak_extra_bytes(step) <= 4 * 4 * (1 << 18) + 12 * q.numel() * 4 < b * h * L * L * 4 // 4
+    # a few strips (~budget elements each; the pure-torch LSSAR backward chain holds ~20) and the
+    # inputs' size of gradients, never B*H*L*L scores
+    strips = 10 if backend == "native" else 24
+    peak = _peak_extra_bytes(step)
+    assert peak <= strips * 4 * (1 << 18) + 12 * q.numel() * 4 and peak < b * h * L * L * 4 // 3, peak
 
 
 def test_dispatch_rules(monkeypatch):
