@@ -12,6 +12,8 @@ Tolerances:
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +23,10 @@ from lssa_hf.attention import choose_backend, lssa_attention
 from lssa_hf.functional import materialized_attention
 from lssa_hf.kernels import blocked, flex
 from lssa_hf.kernels.blocked import blocked_attention
-from torch.profiler import ProfilerActivity, profile
 from reference import reference_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks' memory probe
+from benchmarks.attention import peak_extra_bytes as _peak_extra_bytes  # noqa: E402
 
 
 def _inputs(b, hq, hkv, lq, lk, d, dtype=torch.float64, seed=0):
@@ -197,20 +201,6 @@ def test_zero_rows_finite_gradients(variant, dtype, impl):
     ref = reference_attention(q, k, v, None, "lssa")  # zero query: uniform weights in both variants
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2  # half outputs round to ~1e-3
     _assert_close(out[:, 1], ref[:, 1], tol, "uniform rows")
-
-
-def _peak_extra_bytes(fn):
-    """Peak of the running sum of every allocation and free through torch's CPU allocator during
-    ``fn`` (C++ kernels included), as in ``benchmarks/attention.py``."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
 
 
 @pytest.mark.parametrize("backend", ["blocked", "native"])

@@ -268,6 +268,17 @@ void check_inputs(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& v
                 "lssa native strips: mask must be a 4-D bool tensor with unit last stride");
 }
 
+// (most rows x keys of one strip, widest strip) over the plan's (q0, q1, k0, k1, needs_mask) rows
+std::pair<int64_t, int64_t> extent(const at::Tensor& plan) {
+  const int64_t* pl = plan.data_ptr<int64_t>();
+  int64_t most = 0, widest = 0;
+  for (int64_t i = 0; i < plan.size(0); ++i, pl += 5) {
+    most = std::max(most, (pl[1] - pl[0]) * (pl[3] - pl[2]));
+    widest = std::max(widest, pl[3] - pl[2]);
+  }
+  return {most, widest};
+}
+
 int64_t grain(int64_t w) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(w, 1)); }
 
 at::Tensor rows_of(const at::Tensor& t, const Strip& st) {  // (B, Hkv, G, Lq) -> (B, Hkv, G*bq, 1)
@@ -288,9 +299,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
   if (lssar) stats.slice(0, 2, 4).fill_(1.0);  // rows outside the plan: fallback rows, scale 1
   const int64_t nplan = plan.size(0), plane = b * hkv * g * lq;
   const int64_t* pl = plan.data_ptr<int64_t>();
-  int64_t most = 0;
-  for (int64_t i = 0; i < nplan; ++i) most = std::max(most, (pl[5 * i + 1] - pl[5 * i]) * (pl[5 * i + 3] - pl[5 * i + 2]));
-  auto work = at::empty({b * hq * most}, qs.options());
+  auto work = at::empty({b * hq * extent(plan).first}, qs.options());
   const double tiny = qs.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
                                                       : std::numeric_limits<double>::min();
   AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "lssa_strips_forward", [&] {
@@ -348,11 +357,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
   auto dk = at::zeros_like(k), dvv = at::zeros_like(v);
   const int64_t nplan = plan.size(0), plane = b * hkv * g * lq;
   const int64_t* pl = plan.data_ptr<int64_t>();
-  int64_t most = 0, widest = 0;
-  for (int64_t i = 0; i < nplan; ++i) {
-    most = std::max(most, (pl[5 * i + 1] - pl[5 * i]) * (pl[5 * i + 3] - pl[5 * i + 2]));
-    widest = std::max(widest, pl[5 * i + 3] - pl[5 * i + 2]);
-  }
+  const auto [most, widest] = extent(plan);
   auto work_s = at::empty({b * hq * most}, qs.options()), work_g = at::empty({b * hq * most}, qs.options());
   const double tiny = qs.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
                                                       : std::numeric_limits<double>::min();
