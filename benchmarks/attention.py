@@ -1,14 +1,19 @@
 """Attention micro-benchmark: eager softmax, SDPA and every LSSA / LSSAR path, side by side.
 
-    python benchmarks/attention.py                    # L = 512 ... 16384, forward and forward+backward
-    python benchmarks/attention.py --quick            # L = 512, 2048; 3 repetitions
-    python benchmarks/attention.py --lengths 4096 8192 --reps 7 --threads 1
+    python benchmarks/attention.py --threads 2                # L = 2048 ... 16384, fwd and fwd+bwd
+    python benchmarks/attention.py --threads 2 --isa avx2     # the AVX2 build (on an AVX-512 CPU too)
+    python benchmarks/attention.py --quick                    # L = 512, 2048; 3 repetitions
 
 B=1, H=8, D=64, causal, float32 (``--dtype``). Each repetition runs every method once, in turn
 (interleaved), so slow drifts of a shared machine hit all methods alike; the table reports medians
 and ratios to SDPA from the same run. Eager softmax and materialised LSSA run up to
-``--max-materialized`` (they need L x L memory); the eager-strip blocked path (the GPU /
-``LSSA_COMPILE=0`` path) up to that length too, to keep the run short.
+``--max-materialized`` (they need L x L memory); the pure-torch strips (``blocked``, the GPU path)
+up to that length too, to keep the run short. ``native`` is the C++ strips of ``--isa`` (default:
+the host's). The summary table gives each LSSA path's ratio to SDPA and to eager softmax.
+
+First call: a fresh process per variant times its first call (the native build is loaded, not
+rebuilt, and nothing compiles) against a later one. History: after 100 calls of distinct shapes and
+dtypes in one process, the LSSAR forward at the first length is timed again against a fresh one.
 
 Peak extra memory: one extra, untimed run per method under ``torch.profiler`` with
 ``profile_memory=True``. Every allocation and free made through torch's allocator (including kernel
@@ -21,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lssa_hf.kernels import compiled, flex  # noqa: E402
+from lssa_hf.kernels import flex, native  # noqa: E402
 from lssa_hf.kernels.blocked import blocked_attention  # noqa: E402
 from lssa_hf.functional import materialized_attention  # noqa: E402
 
@@ -53,7 +60,6 @@ def eager_softmax(q, k, v, additive_mask):
 
 def methods(length, max_materialized, backward):
     """name -> fn(q, k, v, additive_mask) for the methods that make sense at this length."""
-    ops = compiled.compiled_ops()
     out = {"sdpa": lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     if length <= max_materialized:
         out["eager softmax"] = eager_softmax
@@ -61,11 +67,10 @@ def methods(length, max_materialized, backward):
         if length <= max_materialized:
             out[f"{variant} materialized"] = (
                 lambda q, k, v, m, var=variant: materialized_attention(q, k, v, None, variant=var)[0])
-        if length <= max_materialized or not compiled.enabled():  # eager strips: GPU / LSSA_COMPILE=0 path
+        if length <= max_materialized:  # pure-torch strips (the GPU path)
             out[f"{variant} blocked"] = lambda q, k, v, m, var=variant: blocked_attention(q, k, v, variant=var)
-        if compiled.enabled():
-            out[f"{variant} blocked_compiled"] = (
-                lambda q, k, v, m, var=variant: blocked_attention(q, k, v, variant=var, ops=ops))
+        out[f"{variant} native"] = (
+            lambda q, k, v, m, var=variant: blocked_attention(q, k, v, variant=var, impl="native"))
     if not backward and flex.available():
         out["lssa flex"] = lambda q, k, v, m: flex.flex_lssa(q, k, v, None, variant="lssa")
     return out
@@ -156,9 +161,86 @@ def smollm2_line(length: int = 2048, attn_implementations=("eager", "sdpa")):
     return results
 
 
+FIRST_CALL = """
+import sys, time, torch
+torch.set_num_threads({threads})
+from lssa_hf.kernels.blocked import blocked_attention
+q, k, v = (torch.randn(1, 8, {length}, 64, requires_grad=True) for _ in range(3))
+res = []
+for grad in (False, True):
+    for i in range(3):
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            out = blocked_attention(q, k, v, variant="{variant}", impl="native")
+            if grad:
+                out.sum().backward()
+        res.append(time.perf_counter() - t0)
+print(*res)
+"""
+
+
+def first_call_rows(length, threads):
+    """(variant, pass, first s, later s) from a fresh process per variant."""
+    rows = []
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for variant in ("lssa", "lssar"):
+        code = FIRST_CALL.format(threads=threads or torch.get_num_threads(), length=length, variant=variant)
+        t = [float(x) for x in subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                              capture_output=True, text=True).stdout.split()]
+        rows += [(variant, "fwd", t[0], min(t[1:3])), (variant, "fwd+bwd", t[3], min(t[4:6]))]
+    return rows
+
+
+def history_ratio(length, reps=5):
+    """LSSAR native forward time after 100 distinct shape/dtype calls / before them (one process)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 8, length, 64, generator=gen) for _ in range(3))
+
+    def timed():
+        with torch.no_grad():
+            blocked_attention(q, k, v, variant="lssar", impl="native")
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                blocked_attention(q, k, v, variant="lssar", impl="native")
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    fresh = timed()
+    for i in range(100):  # distinct (heads, kv heads, head dim, length, dtype, grad)
+        hkv = 1 + i % 2
+        hq, d, n = hkv * (1 + i % 3), 8 * (1 + i % 8), 33 + 7 * i
+        dtype = (torch.float32, torch.float64, torch.bfloat16)[i % 3]
+        x = torch.randn(1, hq, n, d, dtype=dtype, requires_grad=i % 2 == 0)
+        y = torch.randn(1, hkv, n, d, dtype=dtype)
+        out = blocked_attention(x, y, y, variant=("lssa", "lssar")[i % 2], impl="native")
+        if x.requires_grad:
+            out.float().sum().backward()
+    return timed() / fresh
+
+
+def summary(rows, first, history):
+    """Ratios of the native paths to SDPA (and eager softmax) per L and pass."""
+    by = {(r[0], r[1], r[2]): r for r in rows}
+    print("\n| L | pass | LSSA x SDPA | LSSAR x SDPA | LSSA x eager | LSSAR x eager | LSSA mem x SDPA | LSSAR mem x SDPA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for length, mode in sorted({(r[0], r[1]) for r in rows}, key=lambda x: (x[1], x[0])):
+        a, r = by[(length, mode, "lssa native")], by[(length, mode, "lssar native")]
+        e = by.get((length, mode, "eager softmax"))
+        eager = (f"{a[3] / e[3]:.2f} | {r[3] / e[3]:.2f}" if e else "- | -")
+        print(f"| {length} | {mode} | {a[4]:.2f} | {r[4]:.2f} | {eager} | {a[6]:.2f} | {r[6]:.2f} |")
+    if first:
+        print("\n| first call, fresh process | pass | first s | later s | first / later |")
+        print("|---|---|---|---|---|")
+        for variant, mode, t_first, t_later in first:
+            print(f"| {variant} | {mode} | {t_first:.3f} | {t_later:.3f} | {t_first / t_later:.2f} |")
+    if history is not None:
+        print(f"\nLSSAR fwd after 100 distinct shape/dtype calls / fresh: {history:.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions (halved above 4K)")
     parser.add_argument("--quick", action="store_true", help="L = 512, 2048 and 3 repetitions")
     parser.add_argument("--forward-only", action="store_true")
@@ -167,13 +249,21 @@ def main(argv=None):
                         help="longest L for eager softmax / materialised LSSA (they need L x L memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--model", action="store_true", help="also time SmolLM2-135M end to end")
+    parser.add_argument("--isa", choices=native.ISAS, default=None,
+                        help=f"native build to run (default: this CPU's, {native.host_isa()})")
+    parser.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first calls")
     args = parser.parse_args(argv)
+    if args.isa:
+        os.environ[native.ISA_ENV] = args.isa  # read at call time, also by the fresh processes
     args.dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.reps = [512, 2048], 3
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H=8 D=64 causal {args.dtype}")
+    if not native.available():
+        print(f"native strips unavailable: {native.unavailable_reason()}", file=sys.stderr)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H=8 D=64 causal {args.dtype}, "
+          f"native ISA {native.isa()} (CPU {native.host_isa()})")
     rows = []
     for backward in ([False] if args.forward_only else [False, True]):
         for length in args.lengths:
@@ -183,6 +273,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     for length, mode, name, med, ratio, mib, mratio, first in rows:
         print(f"| {length} | {mode} | {name} | {med:.4f} | {ratio:.2f} | {mib:.1f} | {mratio:.2f} | {first:.2f} |")
+    first = None if args.no_first_call else first_call_rows(args.lengths[0], args.threads)
+    summary(rows, first, history_ratio(args.lengths[0]))
     if args.model:
         print("SmolLM2-135M forward, 2048 tokens:", smollm2_line())
 

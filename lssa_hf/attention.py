@@ -10,10 +10,12 @@ environment variable ``LSSA_BACKEND``; an explicit argument wins over the enviro
 * ``blocked``: exact query-strip kernel with recompute in backward (``kernels/blocked.py``); memory
   linear in L on every device. Dropout is not implemented there: ``dropout_p > 0`` always runs
   ``materialized``, which is only affordable for short sequences.
-* ``blocked_compiled``: the same kernel with its per-strip elementwise chains fused by
-  torch.compile (``kernels/compiled.py``) and, on AVX-512 CPUs, the LSSA forward pass in a native
-  C++ kernel (``kernels/native.py``); falls back to ``blocked`` maths if inductor cannot build.
-  ``LSSA_COMPILE=0`` disables compilation everywhere, ``LSSA_NATIVE=0`` the native kernel.
+* ``native``: the same strips in C++ for this CPU (``kernels/native.py``: AVX-512, AVX2, NEON),
+  all four passes, built on first use; the pure-torch strips where it cannot run (another device or
+  dtype, no compiler: logged). ``LSSA_NATIVE=0`` disables it. ``blocked_compiled`` is its former
+  name (the torch.compile'd strips it replaced) and still accepted.
+  Both strip backends are ``torch.library`` custom ops (``kernels/ops.py``): ``torch.compile`` of a
+  patched model traces them without graph breaks.
 * ``flex``: ``torch.nn.attention.flex_attention`` (``kernels/flex.py``); used where it is valid
   (see ``flex.supports``), otherwise the call runs ``blocked`` instead.
 * ``triton``: Triton kernels (``kernels/triton_lssa.py``), forward and backward, fp32/fp16/bf16;
@@ -23,8 +25,7 @@ environment variable ``LSSA_BACKEND``; an explicit argument wins over the enviro
 ``auto`` (default): materialized up to ``MATERIALIZE_MAX_ELEMENTS`` score elements (B*Hq*Lq*Lk)
 or when weights/dropout are requested; above, on CUDA triton when it is installed (flex where
 valid otherwise, then blocked; triton is the CUDA default unmeasured against flex: no GPU was lent to
-measure it, ``benchmarks/gpu_check.py`` does); on CPU blocked_compiled (flex was measured slower
-on CPU), or blocked when compilation is disabled.
+measure it, ``benchmarks/gpu_check.py`` does); on CPU native (flex was measured slower on CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .functional import _materialized, check_shapes
-from .kernels import blocked, compiled, flex, triton_lssa
+from .kernels import blocked, flex, triton_lssa
 from .settings import BACKEND_ENV, BACKENDS, DEFAULT_P, check_settings, resolve_backend  # noqa: F401
 
 # Score elements (B*Hq*Lq*Lk) up to which the materialised path is used: below this it is as
@@ -63,7 +64,7 @@ def _backend_for(backend, query, key, mask, variant, p, grad, needs_weights, dro
     if backend == "flex" and flex.supports(query, key, mask, variant=variant, p=p, grad=grad):
         return "flex"
     if backend in (None, "flex"):  # auto without flex, or flex where it cannot run
-        return "blocked_compiled" if query.device.type == "cpu" and compiled.enabled() else "blocked"
+        return "native" if query.device.type == "cpu" else "blocked"
     return backend
 
 
@@ -93,6 +94,6 @@ def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: fl
                                             temperature=temperature), None
     if backend == "flex":
         return flex.run(query, key, value, mask, variant=variant, p=p, temperature=temperature, grad=grad), None
-    ops = compiled.compiled_ops() if backend == "blocked_compiled" else None
-    return blocked.blocked_attention(query, key, value, mask, variant=variant, p=p, ops=ops,
+    impl = "torch" if backend == "blocked" else "native"  # native, blocked_compiled (its former name)
+    return blocked.blocked_attention(query, key, value, mask, variant=variant, p=p, impl=impl,
                                      temperature=temperature), None

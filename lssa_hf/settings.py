@@ -19,7 +19,7 @@ SOFTMAX = "softmax"  # a checkpoint's own attention
 ATTENTIONS = (SOFTMAX,) + PATCHED  # what commands, configs and the harness accept: a new one is one name here
 DEFAULT_P = 15.0  # LSSAR's re-weighting power (paper default)
 DEFAULT_SSMAX_LENGTH = 512  # keys at which ssmax equals softmax unless told (the recipes' block size)
-BACKENDS = ("auto", "materialized", "blocked", "blocked_compiled", "flex", "triton")  # see lssa_hf.attention
+BACKENDS = ("auto", "materialized", "blocked", "native", "blocked_compiled", "flex", "triton")  # see lssa_hf.attention
 BACKEND_ENV = "LSSA_BACKEND"  # forces a backend wherever the argument is "auto"
 CONFIG_KEY = "lssa"
 
@@ -28,7 +28,7 @@ def check_settings(variant: str, p: float) -> None:
     """Raise a ValueError that names the fix for an unknown variant or a non-positive p."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown LSSA variant {variant!r}: use one of {VARIANTS}.")
-    if variant == "lssar" and not (isinstance(p, (int, float)) and math.isfinite(p) and p > 0):
+    if variant == "lssar" and not (isinstance(p, (int, float)) and 0 < p < math.inf):  # traceable; False for NaN
         raise ValueError(f"LSSAR needs a finite re-weighting power p > 0 (paper default {DEFAULT_P}), got {p!r}.")
 
 
@@ -96,7 +96,7 @@ class LSSAConfig:
     @classmethod
     def from_dict(cls, values: dict | None) -> "LSSAConfig":
         values = dict(values or {})
-        unknown = set(values) - {f.name for f in fields(cls)}
+        unknown = set(values) - set(cls.__dataclass_fields__)  # not fields(cls): torch.compile traces this
         if unknown:
             raise ValueError(f"Unknown LSSA settings {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}.")
         return cls(**values)

@@ -1,35 +1,35 @@
-"""The native CPU kernel (LSSA forward strip) and the fp32 log1p polynomial, against float64."""
+"""The native CPU strips (all four passes) under every ISA build this machine runs, against float64.
 
-import math
+Both builds (the host's, e.g. AVX-512, and the forced narrower AVX2 one) are loaded in one process,
+keyed by ISA; ``native.calls`` (a counter of which implementation ran) proves the native one did.
+"""
+
+import logging
 import os
 import re
-import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lssa_hf.attention import lssa_attention
-from lssa_hf.kernels import blocked, compiled, native
+from lssa_hf.kernels import blocked, native
+from lssa_hf.kernels.blocked import blocked_attention
 from reference import reference_attention
+from test_kernels import CASES, _assert_close, _check, _fp32_tol, _inputs, _masks
 
-needs_native = pytest.mark.skipif(not native.available(), reason="native kernel not available here")
-
-
-def _scores(rows, width, seed=0):
-    """float64 copies of fp32-representable scores (so fp32 input rounding is not counted)."""
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.rand(rows, width, generator=g) * 240 - 120)  # beyond |log(d) log(N)|
-    s[:, ::7] = -torch.inf  # masked keys
-    return s.double()
+BUILDS = [isa for isa in ("avx512", "avx2", "default")
+          if native.ISAS.index(isa) <= native.ISAS.index(native.host_isa())][:2]  # host's and the next
 
 
-def _check_softplus(got, s64, rtol=1e-6):
-    want = F.softplus(s64)
-    err = (got.double() - want).abs() - rtol * want - 1e-37  # fp32 underflows below ~1e-38
-    assert err.max().item() <= 0, f"softplus off by {err.max().item():.3g}"
-    assert (got[s64 == -torch.inf] == 0).all()  # masked scores carry exactly no weight
+@pytest.fixture(params=BUILDS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, request.param)
+    if not native.available(request.param):
+        pytest.fail(f"native {request.param} build unavailable: {native.unavailable_reason(request.param)}")
+    return request.param
 
 
 def test_log1p_polynomial_is_a_refit_of_log1p():
@@ -49,71 +49,88 @@ def test_cpp_uses_the_same_polynomial():
     np.testing.assert_allclose(coef, blocked.LOG1P_RATIO, rtol=1e-15)
 
 
-def test_compiled_fp32_softplus_matches_float64():
-    if not compiled.enabled():
-        pytest.skip("compilation disabled (LSSA_COMPILE=0)")
-    s64 = _scores(6, 333)
-    got = torch.compile(blocked.softplus_, dynamic=True)(s64.float())  # the polynomial path
-    _check_softplus(got, s64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("variant", ["lssa", "lssar"])
+def test_every_kernel_case_under_each_isa(isa, variant, dtype):
+    """Outputs and gradients of every kernel case (ragged strips, padding, window, packing, GQA,
+    decode, chunked prefill) equal the float64 reference, with this ISA's build running."""
+    tol = 1e-9 if dtype == torch.float64 else _fp32_tol(variant, 15.0)
+    before = native.calls[isa]
+    for b, hq, hkv, lq, lk, kind in CASES:
+        q, k, v = _inputs(b, hq, hkv, lq, lk, 16, dtype)
+        mask = _masks(kind, b, lq, lk)
+        _check(lambda a, b_, c: blocked_attention(a, b_, c, mask, variant=variant, block_q=7, impl="native"),
+               q, k, v, mask, variant, 15.0, tol)
+    assert native.calls[isa] - before == 2 * len(CASES)  # forward and backward, natively
 
 
-@needs_native
-@pytest.mark.parametrize("width", [1, 15, 16, 17, 31, 32, 33, 100, 1000])
-def test_native_softplus_and_row_sums(width):
-    s64 = _scores(5, width, seed=width)
-    s = s64.float().view(5, 1, width)
-    sums = native.module().softplus_rowsum_(s)
-    _check_softplus(s.view(5, width), s64)
-    assert sums.shape == (5, 1, 1)
-    want = F.softplus(s64).sum(-1)
-    assert ((sums.view(5).double() - want).abs() <= 1e-6 * want).all()
+def test_temperature_and_long_rows_under_each_isa(isa):
+    q, k, v = _inputs(2, 4, 2, 45, 45, 16)
+    tau = torch.tensor([0.5, 1.0, 2.0, 3.5], dtype=torch.float64, requires_grad=True)
+    for variant in ("lssa", "lssar"):
+        out = blocked_attention(q, k, v, _masks("packed", 2, 45, 45), variant=variant, block_q=7,
+                                temperature=tau, impl="native")
+        want = reference_attention(q, k, v, _masks("packed", 2, 45, 45), variant, temperature=tau)
+        got_t, = torch.autograd.grad(out.sum(), tau)
+        want_t, = torch.autograd.grad(want.sum(), tau)
+        _assert_close(out, want, 1e-9, "out")
+        _assert_close(got_t, want_t, 1e-8, "dtau")
+    q, k, v = _inputs(1, 2, 1, 700, 700, 32, torch.float32)  # default strip sizing, wide rows
+    for variant in ("lssa", "lssar"):
+        _check(lambda a, b_, c: blocked_attention(a, b_, c, None, variant=variant, budget=1 << 16, impl="native"),
+               q, k, v, None, variant, 15.0, _fp32_tol(variant, 15.0))
 
 
-@needs_native
-def test_native_keeps_nan_visible():
-    s = torch.zeros(2, 40)
-    s[0, 33] = torch.nan  # a diverged score must not vanish into a finite row sum
-    sums = native.module().softplus_rowsum_(s)
-    assert torch.isnan(s[0, 33]) and torch.isnan(sums[0, 0])
-    assert torch.isfinite(s[1]).all() and sums[1, 0] == pytest.approx(40 * math.log(2), rel=1e-6)
+def test_nan_scores_stay_visible(isa):
+    q, k, v = _inputs(1, 2, 2, 40, 40, 8, torch.float32)
+    q[0, 0, 20, 3] = torch.nan  # a diverged query must not vanish into a finite output
+    for variant in ("lssa", "lssar"):
+        out = blocked_attention(q, k, v, None, variant=variant, block_q=16, impl="native")
+        assert torch.isnan(out[0, 0, 20]).all() and torch.isfinite(out[0, 1]).all()
 
 
-@needs_native
-def test_native_refuses_what_it_cannot_run():
-    with pytest.raises(RuntimeError, match="contiguous float32 CPU"):
-        native.module().softplus_rowsum_(torch.zeros(4, 4, dtype=torch.float64))
-    calls = []
-    fwd = native.lssa_forward(lambda s: calls.append(s) or (s, s.sum(-1, keepdim=True)))
-    fwd(torch.zeros(3, 4, dtype=torch.float64))  # float64 keeps the exact path
-    fwd(torch.zeros(4, 3).t())  # non-contiguous
-    assert len(calls) == 2
-
-
-@needs_native
-@pytest.mark.parametrize("mask_kind", [None, "padding"])
-def test_cpu_lssa_forward_uses_the_native_kernel(monkeypatch, mask_kind):
-    if not compiled.enabled():
-        pytest.skip("compilation disabled (LSSA_COMPILE=0)")
-    calls = []
-    real = native.module().softplus_rowsum_
-    monkeypatch.setattr(native.module(), "softplus_rowsum_", lambda s: calls.append(s.shape) or real(s))
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, 800, 32, generator=g) for _ in range(3))
-    mask = None
-    if mask_kind == "padding":
-        mask = torch.ones(800, 800).tril().bool().expand(1, 1, 800, 800).clone()
-        mask[..., :50] = False
-    with torch.no_grad():
-        out, _ = lssa_attention(q, k, v, mask, variant="lssa")  # auto: above the materialised size
-    assert calls, "the CPU fp32 LSSA forward did not run the native kernel"
-    want = reference_attention(q.double(), k.double(), v.double(), mask, "lssa")
-    assert (out.double() - want).abs().max().item() < 2e-5
+def test_isa_switch_refuses_what_this_cpu_cannot_run(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="use one of"):
+        native.isa()
+    monkeypatch.setenv(native.ISA_ENV, "auto")
+    assert native.isa() == native.host_isa()
+    if native.host_isa() != "avx512":
+        monkeypatch.setenv(native.ISA_ENV, "avx512")
+        with pytest.raises(ValueError, match="this CPU runs at most"):
+            native.isa()
 
 
 def test_native_builds_wherever_it_is_supported():
-    """Skipping the native tests must mean an unsupported machine, never a broken build."""
-    if native.supported() and shutil.which("c++"):
-        assert native.available()
+    """Failing the ISA tests above must mean a broken build, never a silent skip."""
+    assert native.supported() or not sys.platform.startswith("linux")
+    assert native.available()
+
+
+def test_no_compiler_falls_back_to_torch_strips_with_a_logged_reason(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(native, "_modules", {})
+    monkeypatch.setattr(native, "_unavailable", {})
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available()
+    assert "no C++ compiler" in caplog.text and "pure-torch strips" in caplog.text
+    before = native.calls["torch"]
+    q, k, v = _inputs(1, 2, 2, 30, 30, 8)
+    _check(lambda a, b_, c: blocked_attention(a, b_, c, None, variant="lssar", block_q=7, impl="native"),
+           q, k, v, None, "lssar", 15.0, 1e-9)
+    assert native.calls["torch"] - before == 2
+
+
+def test_a_fresh_process_loads_the_build_without_compiling():
+    code = ("import time, torch.utils.cpp_extension as ce; ce.load = None; "  # any build attempt fails
+            "from lssa_hf.kernels import native; t = time.perf_counter(); m = native.module(); "
+            "print(m is not None, time.perf_counter() - t)")
+    native.module()  # built (cached) in this process first
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    ok, seconds = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                 check=True).stdout.split()
+    assert ok == "True" and float(seconds) < 1.0, seconds
 
 
 def test_native_env_switch(monkeypatch):
@@ -127,3 +144,37 @@ def test_ninja_wheel_is_used_without_an_activated_venv(monkeypatch):
     monkeypatch.setenv("PATH", "/nowhere")
     native._ninja_on_path()
     assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+
+
+def test_many_shapes_keep_the_native_path(monkeypatch):
+    """100 distinct shape / dtype / mask calls through ``auto``: every one runs the native strips
+    (nothing recompiles, nothing falls back), and a final call still does."""
+    from lssa_hf import attention
+    monkeypatch.delenv("LSSA_BACKEND", raising=False)
+    monkeypatch.setattr(attention, "MATERIALIZE_MAX_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    torch_before, native_before = native.calls["torch"], native.calls[native.isa()]
+    while len(seen) < 100:
+        b, hkv = int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1, 3, (1,), generator=g))
+        hq = hkv * int(torch.randint(1, 4, (1,), generator=g))
+        d = int(torch.randint(1, 9, (1,), generator=g)) * 8
+        lk = int(torch.randint(1, 160, (1,), generator=g))
+        lq = lk if torch.rand(1, generator=g) < 0.7 else 1  # prefill or decode
+        dtype = (torch.float32, torch.float64, torch.bfloat16)[int(torch.randint(0, 3, (1,), generator=g))]
+        kind = None if lq == 1 or torch.rand(1, generator=g) < 0.5 else "padding"
+        key = (b, hq, hkv, d, lq, lk, dtype, kind)
+        if key in seen or (kind == "padding" and lk < 7):
+            continue
+        seen.add(key)
+        q, k, v = _inputs(b, hq, hkv, lq, lk, d, dtype, seed=len(seen))
+        q.requires_grad_(len(seen) % 2 == 0)
+        out, _ = lssa_attention(q, k, v, _masks(kind, b, lq, lk), variant="lssar" if d % 16 else "lssa")
+        if q.requires_grad:
+            out.float().sum().backward()
+    assert native.calls["torch"] == torch_before  # CPU float32/float64/bf16: never the fallback
+    ran = native.calls[native.isa()] - native_before
+    assert ran >= 100
+    q, k, v = _inputs(1, 4, 2, 300, 300, 32, torch.float32)
+    lssa_attention(q, k, v, variant="lssar")
+    assert native.calls[native.isa()] - native_before == ran + 1  # the fast path is still the one

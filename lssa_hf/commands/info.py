@@ -47,8 +47,9 @@ def run(args) -> int:
     from lssa_hf.settings import BACKENDS
     print(f"{'kernel paths':>13}: {', '.join(BACKENDS)} (force with LSSA_BACKEND=...)")
     from lssa_hf.kernels import native
-    state = ("yes, built on first use" if native.supported() else
-             f"no (needs Linux and AVX-512; CPU capability {torch_cpu_capability()}, {native.NATIVE_ENV}="
+    state = (f"yes, {native.isa()} strips (all four passes), built once per machine on first use"
+             if native.supported() else
+             f"no (needs Linux on x86-64 or aarch64; CPU capability {torch_cpu_capability()}, {native.NATIVE_ENV}="
              f"{os.environ.get(native.NATIVE_ENV, '1')})")
     print(f"{'native CPU':>13}: {state}")
     if args.models:

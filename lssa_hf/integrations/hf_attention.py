@@ -89,7 +89,8 @@ def _document_mask(q_len, k_len, cu_seq_lens_q=None, cu_seq_lens_k=None, positio
     if position_ids is None or q_len != k_len or q_len < 2 or position_ids.shape[-1] != q_len:
         return None
     restarts = position_ids.diff(dim=-1) <= 0
-    if not restarts.any():
+    # torch.compile cannot branch on data: it always builds the (then all-true) document mask
+    if not torch.compiler.is_compiling() and not restarts.any():
         return None
     doc = torch.nn.functional.pad(restarts.long().cumsum(-1), (1, 0))  # (B or 1, L)
     return (doc[:, :, None] == doc[:, None, :])[:, None]

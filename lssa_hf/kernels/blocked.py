@@ -134,44 +134,25 @@ def _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work=None):
     return s, qb
 
 
-# ---- per-strip elementwise math: plain torch, also compiled (fused) by ``compiled.py`` ----
+# ---- per-strip elementwise math (the pure-torch strips; csrc/strips.cpp is the same on CPU) ----
 # s: (..., R, w) scores, -inf where masked. Row statistics are (..., R, 1).
 
 # log1p(e) / e on 0 <= e <= 1 as a degree-9 polynomial (Chebyshev fit in float64, lowest degree
-# first; ``tests/test_native.py`` refits it): max relative error 5e-9, below fp32 rounding.
-# ``_log1p`` uses it under torch.compile in fp32, where vectorised log1p is the costliest op of the
-# strip chains; eager and float64 keep torch.log1p.
+# first; ``tests/test_native.py`` refits it): max relative error 5e-9, below fp32 rounding. The
+# native fp32 kernels use it (``csrc/strips.cpp``): vectorised log1p is the costliest op of a strip.
 LOG1P_RATIO = (0.9999999953848526, -0.49999903992765343, 0.3333000403524574, -0.24954558871284532,
                0.19678117257303596, -0.15311863104930332, 0.10614264691820346, -0.05706420081102007,
                0.019907160954066302, -0.0032563784795137957)
 
 
-def _log1p(e):
-    """log1p(e) for 0 <= e <= 1 (e = exp(-|s|))."""
-    if not (torch.compiler.is_compiling() and e.dtype == torch.float32):
-        return torch.log1p(e)
-    r = e * LOG1P_RATIO[-1] + LOG1P_RATIO[-2]
-    for c in reversed(LOG1P_RATIO[:-2]):
-        r = r * e + c
-    return e * r
-
-
 def _softplus(s):
     """relu(s) + log1p(exp(-|s|)): 0 where s = -inf (masked)."""
-    return torch.relu(s) + _log1p(torch.exp(-s.abs()))
+    return torch.relu(s) + torch.log1p(torch.exp(-s.abs()))
 
 
-def softplus_(s):
-    """Softplus in place (s is a strip temporary)."""
-    if torch.compiler.is_compiling():
-        return s.copy_(_softplus(s))
-    return torch._C._nn.softplus(s, 1.0, 20.0, out=s)
-
-
-def fwd_lssa(s, softplus=softplus_):
-    """Softplus weights (in place) and their row sum S. The sum is a separate eager pass: inductor
-    fuses it by writing a second buffer and looping again, which measured slower."""
-    w = softplus(s)
+def fwd_lssa(s):
+    """Softplus weights (in place: s is a strip temporary) and their row sum S."""
+    w = torch._C._nn.softplus(s, 1.0, 20.0, out=s)
     return w, w.sum(-1, keepdim=True)
 
 
@@ -193,7 +174,7 @@ def fwd_lssar(s, alpha, p: float):
 def _softplus_sigmoid(s):
     """softplus(s) and sigmoid(s) from one exp(-|s|)."""
     e = torch.exp(-s.abs())
-    sp = torch.relu(s) + _log1p(e)
+    sp = torch.relu(s) + torch.log1p(e)
     sig = torch.where(s >= 0, 1.0, e) / (1.0 + e)
     return sp, sig
 
@@ -222,97 +203,88 @@ def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, p: float):
     return w, ds
 
 
-# the chains worth fusing (``compiled.py`` compiles exactly these)
-EAGER_OPS = {"fwd_lssa": fwd_lssa, "fwd_lssar": fwd_lssar, "bwd_lssa": bwd_lssa, "bwd_lssar": bwd_lssar}
+def alpha_rows(n, b, hkv, g, lq, dtype):
+    """alpha = [N > 3] / N per row as a contiguous (B, Hkv, G, Lq) tensor."""
+    return _rows(torch.where(n > 3, 1.0 / n.clamp_min(1).to(dtype), 0.0).to(dtype), b, hkv, g, lq)
 
 
-class BlockedLSSA(torch.autograd.Function):
-    """out = LSSA/LSSAR(qs, k, v) where qs = c * unit(q), k = unit(k); recomputes strips in backward.
+def forward_strips(qs, k, v, mask4, n, variant, p, plan):
+    """out = LSSA/LSSAR(qs, k, v) where qs = c * unit(q), k = unit(k), in pure torch; and the
+    per-row statistics backward needs: LSSA S; LSSAR W, m, 1/scale, fallback (nstat, B, Hkv, G, Lq)."""
+    b, hq, lq, d = qs.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    qs5 = qs.view(b, hkv, g, lq, d)
+    alpha5 = alpha_rows(n, b, hkv, g, lq, qs.dtype)
+    out = qs.new_zeros(b, hkv, g, lq, dv)
+    work = _workspace(qs, plan, hkv)
+    nstat = 1 if variant == "lssa" else 4  # LSSA: S.  LSSAR: W, m, 1/scale, fallback
+    stats = qs.new_zeros(nstat, b, hkv, g, lq)
+    if variant == "lssar":
+        stats[2].fill_(1.0)
+        stats[3].fill_(1.0)  # rows outside the plan (no visible key) are fallback rows
 
-    Saves q, k, v, out and per-row statistics only: LSSA S; LSSAR m, 1/scale, W, fallback."""
+    def rows(t, q0, q1):  # (B, Hkv, G, Lq) -> (B, Hkv, G*bq, 1)
+        return t[:, :, :, q0:q1].reshape(b, hkv, g * (q1 - q0), 1)
 
-    @staticmethod
-    def forward(ctx, qs, k, v, mask4, n, variant, p, plan, ops):
-        b, hq, lq, d = qs.shape
-        hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-        g = hq // hkv
-        qs5 = qs.view(b, hkv, g, lq, d)
-        alpha5 = torch.where(n > 3, 1.0 / n.clamp_min(1).to(qs.dtype), 0.0)
-        alpha5 = _rows(alpha5, b, hkv, g, lq)  # (B, Hkv, G, Lq)
-        out = qs.new_zeros(b, hkv, g, lq, dv)
-        work = _workspace(qs, plan, hkv)
-        nstat = 1 if variant == "lssa" else 4  # LSSA: S.  LSSAR: W, m, 1/scale, fallback
-        stats = qs.new_zeros(nstat, b, hkv, g, lq)
-        if variant == "lssar":
-            stats[2].fill_(1.0)
-            stats[3].fill_(1.0)  # rows outside the plan (no visible key) are fallback rows
+    for q0, q1, k0, k1, needs_mask in plan:
+        bq = q1 - q0
+        s, _ = _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work)
+        if variant == "lssa":
+            w, *row_stats = fwd_lssa(s)  # row_stats: S
+        else:  # row_stats: W, m, 1/scale, fallback
+            w, *row_stats = fwd_lssar(s, rows(alpha5, q0, q1), p)
+        del s
+        o = torch.matmul(w, v[:, :, k0:k1])  # S apart: a ones column on v made this GEMM slower
+        for i, x in enumerate(row_stats):
+            stats[i, :, :, :, q0:q1] = x.reshape(b, hkv, g, bq)
+        o = o / row_stats[0].clamp_min(torch.finfo(w.dtype).tiny)
+        out[:, :, :, q0:q1] = o.view(b, hkv, g, bq, dv)
+        del w, o
+    return out.view(b, hq, lq, dv), stats
 
-        def rows(t, q0, q1):  # (B, Hkv, G, Lq) -> (B, Hkv, G*bq, 1)
-            return t[:, :, :, q0:q1].reshape(b, hkv, g * (q1 - q0), 1)
 
-        for q0, q1, k0, k1, needs_mask in plan:
-            bq = q1 - q0
-            s, _ = _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work)
-            if variant == "lssa":
-                w, *row_stats = ops["fwd_lssa"](s)  # row_stats: S
-            else:  # row_stats: W, m, 1/scale, fallback
-                w, *row_stats = ops["fwd_lssar"](s, rows(alpha5, q0, q1), p)
-            del s
-            o = torch.matmul(w, v[:, :, k0:k1])  # S apart: a ones column on v made this GEMM slower
-            for i, x in enumerate(row_stats):
-                stats[i, :, :, :, q0:q1] = x.reshape(b, hkv, g, bq)
-            o = o / row_stats[0].clamp_min(torch.finfo(w.dtype).tiny)
-            out[:, :, :, q0:q1] = o.view(b, hkv, g, bq, dv)
-            del w, o
-        out = out.view(b, hq, lq, dv)
-        ctx.save_for_backward(qs, k, v, out, stats, alpha5, *([mask4] if mask4 is not None else []))
-        ctx.has_mask, ctx.variant, ctx.p, ctx.plan, ctx.ops = mask4 is not None, variant, p, plan, ops
-        return out
+def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan):
+    """Gradients (dqs, dk, dv) of ``forward_strips``, recomputing each strip (pure torch)."""
+    b, hq, lq, d = qs.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    qs5 = qs.view(b, hkv, g, lq, d)
+    alpha5 = alpha_rows(n, b, hkv, g, lq, qs.dtype)
+    dout = dout.to(qs.dtype)
+    dout5 = dout.reshape(b, hkv, g, lq, dv)
+    delta5 = (dout * out).sum(-1).view(b, hkv, g, lq)  # D_i = <dout_i, out_i>
+    dq5 = torch.zeros_like(qs5)
+    dk, dv_ = torch.zeros_like(k), torch.zeros_like(v)
+    tiny = torch.finfo(qs.dtype).tiny
+    work = _workspace(qs, plan, hkv)
 
-    @staticmethod
-    def backward(ctx, dout):
-        qs, k, v, out, stats, alpha5, *rest = ctx.saved_tensors
-        mask4 = rest[0] if ctx.has_mask else None
-        variant, p, ops = ctx.variant, ctx.p, ctx.ops
-        b, hq, lq, d = qs.shape
-        hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-        g = hq // hkv
-        qs5 = qs.view(b, hkv, g, lq, d)
-        dout = dout.to(qs.dtype)
-        dout5 = dout.reshape(b, hkv, g, lq, dv)
-        delta5 = (dout * out).sum(-1).view(b, hkv, g, lq)  # D_i = <dout_i, out_i>
-        dq5 = torch.zeros_like(qs5)
-        dk, dv_ = torch.zeros_like(k), torch.zeros_like(v)
-        tiny = torch.finfo(qs.dtype).tiny
-        work = _workspace(qs, ctx.plan, hkv)
+    def rows(t, q0, q1):
+        return t[:, :, :, q0:q1].reshape(b, hkv, g * (q1 - q0), 1)
 
-        def rows(t, q0, q1):
-            return t[:, :, :, q0:q1].reshape(b, hkv, g * (q1 - q0), 1)
-
-        for q0, q1, k0, k1, needs_mask in ctx.plan:
-            bq = q1 - q0
-            s, qb = _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work)
-            do = dout5[:, :, :, q0:q1].reshape(b, hkv, g * bq, dv)
-            gr = torch.matmul(do, v[:, :, k0:k1].transpose(-1, -2))  # g_j = <dout, v_j>
-            inv_total = 1.0 / rows(stats[0], q0, q1).clamp_min(tiny)
-            if variant == "lssa":
-                w, ds = ops["bwd_lssa"](s, gr, rows(delta5, q0, q1))
-                coef = inv_total
-            else:
-                m, inv_scale, fallback = rows(stats[1], q0, q1), rows(stats[2], q0, q1), rows(stats[3], q0, q1)
-                fallback = fallback.bool()
-                w, ds = ops["bwd_lssar"](s, gr, rows(delta5, q0, q1), m, inv_scale, fallback,
-                                         rows(alpha5, q0, q1), p)
-                coef = torch.where(fallback, 1.0, p * inv_scale) * inv_total
-            del s, gr
-            # per-row coefficients go on the small operands, not on the strip
-            dq5[:, :, :, q0:q1] += (torch.matmul(ds, k[:, :, k0:k1]) * coef).view(b, hkv, g, bq, d)
-            # accumulate inside the GEMM (beta = 1): no temporary, no extra pass over dk / dv
-            dk[:, :, k0:k1].flatten(0, 1).baddbmm_(ds.transpose(-1, -2).flatten(0, 1), (qb * coef).flatten(0, 1))
-            dv_[:, :, k0:k1].flatten(0, 1).baddbmm_(w.transpose(-1, -2).flatten(0, 1),
-                                                    (do * inv_total).flatten(0, 1))
-            del w, ds
-        return dq5.view(b, hq, lq, d), dk, dv_, None, None, None, None, None, None
+    for q0, q1, k0, k1, needs_mask in plan:
+        bq = q1 - q0
+        s, qb = _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work)
+        do = dout5[:, :, :, q0:q1].reshape(b, hkv, g * bq, dv)
+        gr = torch.matmul(do, v[:, :, k0:k1].transpose(-1, -2))  # g_j = <dout, v_j>
+        inv_total = 1.0 / rows(stats[0], q0, q1).clamp_min(tiny)
+        if variant == "lssa":
+            w, ds = bwd_lssa(s, gr, rows(delta5, q0, q1))
+            coef = inv_total
+        else:
+            m, inv_scale, fallback = rows(stats[1], q0, q1), rows(stats[2], q0, q1), rows(stats[3], q0, q1)
+            fallback = fallback.bool()
+            w, ds = bwd_lssar(s, gr, rows(delta5, q0, q1), m, inv_scale, fallback, rows(alpha5, q0, q1), p)
+            coef = torch.where(fallback, 1.0, p * inv_scale) * inv_total
+        del s, gr
+        # per-row coefficients go on the small operands, not on the strip
+        dq5[:, :, :, q0:q1] += (torch.matmul(ds, k[:, :, k0:k1]) * coef).view(b, hkv, g, bq, d)
+        # accumulate inside the GEMM (beta = 1): no temporary, no extra pass over dk / dv
+        dk[:, :, k0:k1].flatten(0, 1).baddbmm_(ds.transpose(-1, -2).flatten(0, 1), (qb * coef).flatten(0, 1))
+        dv_[:, :, k0:k1].flatten(0, 1).baddbmm_(w.transpose(-1, -2).flatten(0, 1),
+                                                (do * inv_total).flatten(0, 1))
+        del w, ds
+    return dq5.view(b, hq, lq, d), dk, dv_
 
 
 def _rows(n, b, hkv, g, lq):
@@ -322,44 +294,49 @@ def _rows(n, b, hkv, g, lq):
     return n.view(n.shape[0], hkv, g, lq).expand(b, hkv, g, lq).contiguous()
 
 
-_plan_cache: list = []  # [(key, weakref to mask, n, plan)], most recent last
+_plan_cache: list = []  # [(key, weakref to mask or None, n, plan)], most recent last
 
 
 def _cached_plan(mask, mask4, b, hq, lq, lk, block_q, budget, device):
     """N_i and the strip plan. Scanning a mask costs a few passes over B*L*L bytes, and a model
     passes the same mask object to every layer: reuse the result while that very tensor (same
-    object, unmodified: same ``_version``) comes back."""
+    object, unmodified: same ``_version``) comes back. The implicit causal mask is keyed by shape."""
     try:
-        version = None if mask is None else mask._version
+        version = -1 if mask is None else mask._version
     except RuntimeError:  # inference tensors have no version counter: do not cache
         version = None
     if version is None:
         return visible_counts(mask4, lq, lk, device), _plan(mask4, b, hq, lq, lk, block_q, budget)
-    key = (id(mask), version, b, hq, lq, lk, block_q, budget, device)
+    key = (None if mask is None else id(mask), version, b, hq, lq, lk, block_q, budget, device)
     for entry in _plan_cache:
-        if entry[0] == key and entry[1]() is mask:
+        if entry[0] == key and (mask is None or entry[1]() is mask):
             return entry[2], entry[3]
     n, plan = visible_counts(mask4, lq, lk, device), _plan(mask4, b, hq, lq, lk, block_q, budget)
-    _plan_cache.append((key, weakref.ref(mask), n, plan))
+    _plan_cache.append((key, None if mask is None else weakref.ref(mask), n, plan))
     del _plan_cache[:-4]
     return n, plan
 
 
 def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p: float = DEFAULT_P,
-                      block_q: int | None = None, budget: int | None = None, ops=None,
-                      temperature=None) -> torch.Tensor:
+                      block_q: int | None = None, budget: int | None = None, temperature=None,
+                      impl: str = "torch") -> torch.Tensor:
     """LSSA/LSSAR output (B, Hq, Lq, Dv) in the input dtype, without any L x L tensor.
 
-    ``block_q`` fixes the strip height (default: sized to ``budget`` elements per strip); ``ops`` swaps
-    the per-strip elementwise functions (``EAGER_OPS`` by default; see ``compiled.py``); ``temperature``
-    (Hq values) multiplies each head's length scale, and autograd reaches it through the scaled query."""
+    The strip loop runs inside the custom ops of ``kernels/ops.py`` (``torch.compile`` traces one op
+    per pass). ``impl``: "torch" (these pure-torch strips) or "native" (the C++ strips of
+    ``native.py`` where they run: CPU, float32/float64). ``block_q`` fixes the strip height (default:
+    sized to ``budget`` elements per strip); ``temperature`` (Hq values) multiplies each head's length
+    scale, and autograd reaches it through the scaled query."""
     b, hq, lq, d = query.shape
     lk = key.shape[2]
-    mask4 = None if mask is None else as_4d(mask.to(query.device), lq, lk)
     if budget is None:
         budget = DEFAULT_BUDGET if query.device.type == "cpu" else GPU_BUDGET
-    n, plan = _cached_plan(mask, mask4, b, hq, lq, lk, block_q, budget, query.device)
+    if mask is None:
+        n = visible_counts(None, lq, lk, query.device)
+    else:
+        mask = mask.to(query.device)
+        n = torch.ops.lssa_hf.visible_counts(mask, b, hq, lq, lk, block_q, budget)
     qs, k = scaled_unit_qk(query, key, n, temperature)
-    out = BlockedLSSA.apply(qs.contiguous(), k.contiguous(), value.to(qs.dtype).contiguous(), mask4, n,
-                            variant, float(p), plan, EAGER_OPS if ops is None else ops)
+    out, _ = torch.ops.lssa_hf.strips_fwd(qs.contiguous(), k.contiguous(), value.to(qs.dtype).contiguous(),
+                                          mask, n, variant, float(p), block_q, budget, impl)
     return out.to(query.dtype)

@@ -1,17 +1,26 @@
-"""Native CPU kernel for the LSSA forward strip (C++, AVX-512), built on first use.
+"""Native CPU strips (C++, ``csrc/strips.cpp``): all four passes, built for this CPU on first use.
 
-``csrc/softplus_avx512.cpp`` overwrites a score strip with softplus and returns the row sums in one
-pass, about 3x faster than the inductor-compiled pass plus a sum (``benchmarks/softplus_pass.py``):
-LSSA's forward is two GEMMs and this pass. It is built with ``torch.utils.cpp_extension`` (a C++
-compiler and ninja; cached under ``TORCH_EXTENSIONS_DIR``) and used by the ``blocked_compiled``
-path for fp32 CPU strips on Linux CPUs with AVX-512. Anywhere else, or if the build fails (logged
-once), the compiled ops run: the same maths. ``LSSA_NATIVE=0`` disables it.
+The kernels are written once against ATen's ``at::vec::Vectorized`` and compiled for one instruction
+set: ``avx512``, ``avx2`` or ``default`` (NEON on aarch64, plain C++ elsewhere). The host's is the one
+torch itself runs (``torch.backends.cpu.get_cpu_capability()``); ``LSSA_NATIVE_ISA=avx2`` (or
+``default``) forces a narrower build, e.g. to test and benchmark the AVX2 kernels on an AVX-512
+machine; a wider one than the CPU has is refused. Several ISAs' builds can be loaded in one process.
+
+Build: ``torch.utils.cpp_extension`` (a C++ compiler and ninja, a dependency), about a minute once
+per machine, logged. The build folder is keyed by source, flags, ISA, torch and Python versions, so a
+fresh process imports the built library directly (milliseconds) and never recompiles. Where no
+compiler exists or the build fails, the reason is logged once and the pure-torch strips (the same
+maths) run. ``LSSA_NATIVE=0`` disables the native strips.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import importlib.util
 import logging
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -20,36 +29,102 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-NATIVE_ENV = "LSSA_NATIVE"  # "0" disables the native kernel
-SOURCE = Path(__file__).parent / "csrc" / "softplus_avx512.cpp"
-FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-fopenmp"]  # OpenMP: at::parallel_for runs in threads
-_module = None
-_unavailable = False  # unsupported here, or the build failed: decided once per process
+NATIVE_ENV = "LSSA_NATIVE"  # "0" disables the native strips
+ISA_ENV = "LSSA_NATIVE_ISA"  # "auto" (default), "avx512", "avx2", "default"
+SOURCE = Path(__file__).parent / "csrc" / "strips.cpp"
+ISAS = ("default", "avx2", "avx512")  # narrowest first
+# as ATen compiles its own per-ISA kernels (cmake/Codegen.cmake): the macros pick at::vec's ISA
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+}
+FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]  # OpenMP: at::parallel_for runs in threads
+
+_modules: dict = {}
+_unavailable: dict = {}  # isa -> reason
+calls: collections.Counter = collections.Counter()  # strip passes run, by implementation ("avx2", "torch")
+
+
+def enabled() -> bool:
+    return os.environ.get(NATIVE_ENV, "1") != "0"
+
+
+def host_isa() -> str:
+    """The widest ISA this CPU (as torch sees it) runs."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(cap, "default")
+
+
+def isa() -> str:
+    """The ISA of the native build this process uses (``LSSA_NATIVE_ISA`` or the host's)."""
+    want = os.environ.get(ISA_ENV, "auto").lower()
+    host = host_isa()
+    if want in ("", "auto"):
+        return host
+    if want not in ISAS:
+        raise ValueError(f"{ISA_ENV}={want!r}: use one of auto, {', '.join(ISAS)}.")
+    if ISAS.index(want) > ISAS.index(host):
+        raise ValueError(f"{ISA_ENV}={want}: this CPU runs at most {host}; set {ISA_ENV}=auto or a narrower ISA.")
+    return want
 
 
 def supported() -> bool:
-    """Whether this machine can run the kernel (before building it)."""
-    return (os.environ.get(NATIVE_ENV, "1") != "0" and sys.platform.startswith("linux")
-            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+    """Whether the native strips may run here (before building them)."""
+    return enabled() and sys.platform.startswith("linux") and (
+        platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"))
 
 
-def module():
-    """The built extension, or None where unsupported or the build failed."""
-    global _module, _unavailable
-    if _module is not None or _unavailable:
-        return _module
-    if not supported():  # checked once: this runs per strip
-        _unavailable = True
+def _build_name(which: str) -> str:
+    flags = FLAGS + ISA_FLAGS[which]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, torch.__version__, sys.version,
+                                    platform.machine()]).encode()).hexdigest()[:12]
+    return f"lssa_hf_strips_{which}_{key}"
+
+
+def build_dir(which: str) -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / _build_name(which)
+
+
+def module(which: str | None = None):
+    """The built extension for ``which`` ISA (default ``isa()``), or None where it cannot run."""
+    which = which or isa()
+    if which in _modules or which in _unavailable:
+        return _modules.get(which)
+    if not supported():
+        _unavailable[which] = "disabled" if not enabled() else f"unsupported platform {sys.platform}/{platform.machine()}"
         return None
     try:
-        from torch.utils.cpp_extension import load
-        _ninja_on_path()
-        _module = load("lssa_hf_softplus_avx512", [str(SOURCE)], extra_cflags=FLAGS,
-                       extra_ldflags=["-fopenmp"])
-    except Exception as err:  # no compiler / ninja: the compiled path computes the same thing
-        logger.warning("LSSA: native CPU kernel unavailable (%s); using the compiled strips.", err)
-        _unavailable = True
-    return _module
+        _modules[which] = _load(which)
+    except Exception as err:  # no compiler / ninja: the pure-torch strips compute the same thing
+        _unavailable[which] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        logger.warning("LSSA: native CPU strips (%s) unavailable (%s); using the pure-torch strips.",
+                       which, _unavailable[which])
+    return _modules.get(which)
+
+
+def _load(which: str):
+    name = _build_name(which)
+    folder = build_dir(which)
+    from torch.utils.cpp_extension import LIB_EXT
+    built = folder / f"{name}{LIB_EXT}"
+    if built.exists():  # built before on this machine: import it (no ninja, no compiler run)
+        spec = importlib.util.spec_from_file_location(name, built)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    from torch.utils.cpp_extension import load
+    _ninja_on_path()
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.warning("LSSA: building the native CPU strips for %s once for this machine (about a minute) in %s",
+                   which, folder)
+    return load(name, [str(SOURCE)], extra_cflags=FLAGS + ISA_FLAGS[which], extra_ldflags=["-fopenmp"],
+                build_directory=str(folder))
 
 
 def _ninja_on_path() -> None:
@@ -63,17 +138,15 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-def available() -> bool:
-    """Whether the native kernel is built (building it now if needed) and usable."""
-    return module() is not None
+def available(which: str | None = None) -> bool:
+    """Whether the native strips are built (building them now if needed) and usable."""
+    return module(which) is not None
 
 
-def lssa_forward(fallback):
-    """``blocked`` op ``fwd_lssa`` (strip -> weights in place, row sums) that runs the native kernel
-    on contiguous fp32 CPU strips and ``fallback`` on anything else."""
-    def fwd_lssa(s):
-        if s.dtype == torch.float32 and s.device.type == "cpu" and s.is_contiguous() and available():
-            return s, _module.softplus_rowsum_(s)
-        return fallback(s)
+def unavailable_reason(which: str | None = None) -> str | None:
+    return _unavailable.get(which or isa())
 
-    return fwd_lssa
+
+def runs(t: torch.Tensor) -> bool:
+    """Whether the native strips take this compute tensor (CPU, float32 / float64)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
