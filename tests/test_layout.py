@@ -28,7 +28,7 @@ def _python(code: str) -> str:
 
 def test_math_imports_without_transformers_and_import_lssa_hf_still_registers():
     out = _python("import sys, lssa_hf.functional, lssa_hf.attention, lssa_hf.kernels.blocked, "
-                  "lssa_hf.kernels.flex, lssa_hf.kernels.compiled, lssa_hf.kernels.native, lssa_hf.settings; "
+                  "lssa_hf.kernels.flex, lssa_hf.kernels.ops, lssa_hf.kernels.native, lssa_hf.kernels.triton_lssa, lssa_hf.settings; "
                   "print('transformers' in sys.modules)")
     assert out == "False"
     # transformers imported after lssa_hf, and before it: both register the backends
