@@ -11,14 +11,17 @@ Per row (c = log(d) log(N) is folded into the query, so s_j = <c q^, k^_j>):
   LSSA : w_j = sp_j
   LSSAR: w_j = relu((sp_j - m) / scale)^P with m = S/N if N > 3 else 0 and scale = max_j sp_j - m,
          so the largest weight is 1 and w never overflows. This is relu(N*A_j - O)^p up to a row
-         constant. Rows with no mass (all sp_j <= m: exactly uniform rows, or N = 0) fall back to
-         LSSA weights sp_j (in backward: P = 1, scale = 1, no mean term).
+         constant. Rows with no mass (max_j sp_j at most m (1 + tol), tol = ``functional.tie_tolerance``:
+         max N*A - 1 within rounding of zero; tied rows, or N = 0) fall back to LSSA weights sp_j
+         (in backward: P = 1, scale = 1, no mean term).
   out = sum_j w_j v_j / W,  W = sum_j w_j.
 Backward (g_j = <dout, v_j>, D = <dout, out>):
   LSSA : ds_j = (g_j - D) / S * sigmoid(s_j)
   LSSAR: h_j = (u_j)^(P-1) (g_j - D), coef = P / (W scale), Gamma = sum_j h_j,
          ds_j = coef (h_j - [N > 3] Gamma / N) sigmoid(s_j)
-         (the Gamma term is the gradient through mu = S/N, which every visible score shares).
+         (the Gamma term is the gradient through mu = S/N, which every visible score shares);
+         for fp16 / bf16 inputs u^(P-1) is u^P / max(u, floor) (``functional.grad_floor``: the
+         derivative p / t of the log-weight capped at 1 / eps; t = u scale / m).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import weakref
 
 import torch
 
-from ..functional import as_4d, scaled_unit_qk, visible_counts
+from ..functional import as_4d, grad_floor, scaled_unit_qk, tie_tolerance, visible_counts
 from ..settings import DEFAULT_P
 
 # Elements per strip (all batches and heads together). 1M fp32 = 4 MiB per strip temporary, i.e.
@@ -175,15 +178,16 @@ def fwd_lssa(s, softplus=softplus_):
     return w, w.sum(-1, keepdim=True)
 
 
-def fwd_lssar(s, alpha, p: float):
+def fwd_lssar(s, alpha, tie, p: float):
     """Weights w = relu((sp - m) / scale)^p (sp on fallback rows), and W = sum w, m, 1/scale, fallback.
 
     alpha = [N > 3] / N, so m = alpha * S is the row mean (or 0); scale = max sp - m makes the
-    largest weight 1. Fallback rows (all sp <= m: exactly uniform, or N = 0) keep LSSA weights."""
+    largest weight 1. Fallback rows (max sp <= m * tie, tie = 1 + tie tolerance: max N*A - 1 within
+    rounding of 0; tied rows, or N = 0) keep LSSA weights."""
     sp = _softplus(s)
     m = alpha * sp.sum(-1, keepdim=True)
     top = sp.amax(-1, keepdim=True)
-    fallback = top <= m
+    fallback = top <= m * tie
     inv_scale = 1.0 / torch.where(fallback, 1.0, top - m)
     u = torch.relu((sp - m) * inv_scale)
     w = torch.where(fallback, sp, u.pow(p))
@@ -204,18 +208,18 @@ def bwd_lssa(s, gr, delta):
     return sp, (gr - delta) * sig
 
 
-def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, p: float):
+def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, floor_u, p: float):
     """Recomputed weights w and ds / coef with coef = P / (W scale) (1 / S on fallback rows).
 
     h = u^(P-1) (g - D); ds/coef = (h - alpha sum(h)) sigmoid(s): the alpha term is the gradient
-    through the row mean m, shared by every visible score."""
+    through the row mean m, shared by every visible score. Below ``floor_u`` (a row value, 0 for
+    the exact gradient) u^(P-1) becomes u^P / floor_u: the bounded gradient of half inputs."""
     sp, sig = _softplus_sigmoid(s)
     u = torch.relu((sp - m) * inv_scale)
-    um1 = u.pow(p - 1.0)
-    if p <= 1.0:  # relu'(0) = 0, while 0^(p-1) is 1 or inf
-        um1 = torch.where(u > 0, um1, 0.0)
+    up = u.pow(p)
+    um1 = torch.where(u > 0, up / torch.maximum(u, floor_u), 0.0)  # relu'(0) = 0, while 0^(p-1) is 1 or inf
     um1 = torch.where(fallback, 1.0, um1)
-    w = torch.where(fallback, sp, um1 * u)
+    w = torch.where(fallback, sp, up)
     h = um1 * (gr - delta)
     alpha = torch.where(fallback, 0.0, alpha)
     ds = (h - alpha * h.sum(-1, keepdim=True)) * sig
@@ -232,13 +236,14 @@ class BlockedLSSA(torch.autograd.Function):
     Saves q, k, v, out and per-row statistics only: LSSA S; LSSAR m, 1/scale, W, fallback."""
 
     @staticmethod
-    def forward(ctx, qs, k, v, mask4, n, variant, p, plan, ops):
+    def forward(ctx, qs, k, v, mask4, n, variant, p, plan, ops, input_dtype):
         b, hq, lq, d = qs.shape
         hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
         g = hq // hkv
         qs5 = qs.view(b, hkv, g, lq, d)
         alpha5 = torch.where(n > 3, 1.0 / n.clamp_min(1).to(qs.dtype), 0.0)
         alpha5 = _rows(alpha5, b, hkv, g, lq)  # (B, Hkv, G, Lq)
+        tie5 = _rows(1.0 + tie_tolerance(n.to(qs.dtype), qs.dtype), b, hkv, g, lq)
         out = qs.new_zeros(b, hkv, g, lq, dv)
         work = _workspace(qs, plan, hkv)
         nstat = 1 if variant == "lssa" else 4  # LSSA: S.  LSSAR: W, m, 1/scale, fallback
@@ -256,7 +261,7 @@ class BlockedLSSA(torch.autograd.Function):
             if variant == "lssa":
                 w, *row_stats = ops["fwd_lssa"](s)  # row_stats: S
             else:  # row_stats: W, m, 1/scale, fallback
-                w, *row_stats = ops["fwd_lssar"](s, rows(alpha5, q0, q1), p)
+                w, *row_stats = ops["fwd_lssar"](s, rows(alpha5, q0, q1), rows(tie5, q0, q1), p)
             del s
             o = torch.matmul(w, v[:, :, k0:k1])  # S apart: a ones column on v made this GEMM slower
             for i, x in enumerate(row_stats):
@@ -267,6 +272,7 @@ class BlockedLSSA(torch.autograd.Function):
         out = out.view(b, hq, lq, dv)
         ctx.save_for_backward(qs, k, v, out, stats, alpha5, *([mask4] if mask4 is not None else []))
         ctx.has_mask, ctx.variant, ctx.p, ctx.plan, ctx.ops = mask4 is not None, variant, p, plan, ops
+        ctx.input_dtype = input_dtype
         return out
 
     @staticmethod
@@ -285,6 +291,7 @@ class BlockedLSSA(torch.autograd.Function):
         dk, dv_ = torch.zeros_like(k), torch.zeros_like(v)
         tiny = torch.finfo(qs.dtype).tiny
         work = _workspace(qs, ctx.plan, hkv)
+        floor = grad_floor(p, ctx.input_dtype)
 
         def rows(t, q0, q1):
             return t[:, :, :, q0:q1].reshape(b, hkv, g * (q1 - q0), 1)
@@ -301,8 +308,9 @@ class BlockedLSSA(torch.autograd.Function):
             else:
                 m, inv_scale, fallback = rows(stats[1], q0, q1), rows(stats[2], q0, q1), rows(stats[3], q0, q1)
                 fallback = fallback.bool()
+                floor_u = floor * m * inv_scale  # t = floor in units of u (0 on rows with N <= 3)
                 w, ds = ops["bwd_lssar"](s, gr, rows(delta5, q0, q1), m, inv_scale, fallback,
-                                         rows(alpha5, q0, q1), p)
+                                         rows(alpha5, q0, q1), floor_u, p)
                 coef = torch.where(fallback, 1.0, p * inv_scale) * inv_total
             del s, gr
             # per-row coefficients go on the small operands, not on the strip
@@ -312,7 +320,7 @@ class BlockedLSSA(torch.autograd.Function):
             dv_[:, :, k0:k1].flatten(0, 1).baddbmm_(w.transpose(-1, -2).flatten(0, 1),
                                                     (do * inv_total).flatten(0, 1))
             del w, ds
-        return dq5.view(b, hq, lq, d), dk, dv_, None, None, None, None, None, None
+        return dq5.view(b, hq, lq, d), dk, dv_, None, None, None, None, None, None, None
 
 
 def _rows(n, b, hkv, g, lq):
@@ -361,5 +369,5 @@ def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p:
     n, plan = _cached_plan(mask, mask4, b, hq, lq, lk, block_q, budget, query.device)
     qs, k = scaled_unit_qk(query, key, n, temperature)
     out = BlockedLSSA.apply(qs.contiguous(), k.contiguous(), value.to(qs.dtype).contiguous(), mask4, n,
-                            variant, float(p), plan, EAGER_OPS if ops is None else ops)
+                            variant, float(p), plan, EAGER_OPS if ops is None else ops, query.dtype)
     return out.to(query.dtype)
