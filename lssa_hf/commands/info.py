@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
-import os
 
 
 def supported_model_types() -> tuple[list[str], list[str]]:
@@ -46,11 +45,11 @@ def run(args) -> int:
     print(f"{'backends':>13}: {', '.join(registered)} (attn_implementation=...)")
     from lssa_hf.settings import BACKENDS
     print(f"{'kernel paths':>13}: {', '.join(BACKENDS)} (force with LSSA_BACKEND=...)")
-    from lssa_hf.kernels import native
-    state = ("yes, built on first use" if native.supported() else
-             f"no (needs Linux and AVX-512; CPU capability {torch_cpu_capability()}, {native.NATIVE_ENV}="
-             f"{os.environ.get(native.NATIVE_ENV, '1')})")
-    print(f"{'native CPU':>13}: {state}")
+    from lssa_hf.kernels import status
+    print(f"{'CPU':>13}: {torch_cpu_capability()}")
+    for name in status.KERNELS:  # builds / compiles each once to find out
+        reason = status.why_off(name)
+        print(f"{name + ' kernel':>13}: {'runs here' if reason is None else 'off: ' + reason}")
     if args.models:
         supported, unsupported = supported_model_types()
         print(f"\nsupported causal LM model types ({len(supported)}):\n  " + ", ".join(supported))
