@@ -245,7 +245,6 @@ def test_ruler_tasks_get_a_loadable_tokenizer_from_the_offline_alias(tmp_path, m
     fill_task_tokenizer(args)
     folder = args.metadata["tokenizer"]
     assert folder.startswith(str(tmp_path)) and args.metadata["max_seq_lengths"] == [256]
-    pytest.importorskip("wonderwords", reason="RULER needs the `ruler` extra: pip install 'lssa-hf[ruler]'")
     from lm_eval.tasks.ruler.niah_utils import niah_single_1
 
     docs = niah_single_1(**{**args.model_args, **args.metadata})["test"]

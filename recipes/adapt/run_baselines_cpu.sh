@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #14's table: LSSAR against softmax + YaRN (with and without the same LoRA), ssmax and hybrids
-# at 512-32K plus passkey (recipes/adapt/configs/table-baselines-cpu.yaml). Many hours on 2 cores (a
-# 32K-token LSSAR window is ~20 min on one idle thread); cached, so a rerun resumes. Run from the repo root.
+# at 512-32K plus passkey (recipes/adapt/configs/table-baselines-cpu.yaml). Many hours on 2 cores;
+# cached, so a rerun resumes. Run from the repo root.
 exec bash recipes/adapt/run_table_parts.sh recipes/adapt/configs/table-baselines-cpu.yaml \
   "LSSAR p=5 + YaRN x2 + LoRA" "LSSAR p=5 + LoRA" "softmax (original)" "softmax + YaRN x4 (no training)" \
   "LSSAR p=5 + YaRN x4 + LoRA" "LSSAR p=5 + YaRN x2 + LoRA + softmax layers 0-3" -- \
