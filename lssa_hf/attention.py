@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import _materialized, check_shapes
+from .functional import _materialized, check_mask, check_shapes
 from .kernels import blocked, flex, triton_lssa
 from .settings import BACKEND_ENV, BACKENDS, DEFAULT_P, check_settings, resolve_backend  # noqa: F401
 
@@ -82,8 +82,7 @@ def lssa_attention(query, key, value, mask=None, *, variant: str = "lssa", p: fl
     check_settings(variant, p)
     check_shapes(query, key, value)
     backend = resolve_backend(backend)
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"mask must be boolean (True = visible), got {mask.dtype}.")
+    check_mask(mask, query, key)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, temperature)
                                            if t is not None)
     backend = _backend_for(backend, query, key, mask, variant, p, grad, return_weights, dropout_p)

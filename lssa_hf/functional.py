@@ -73,6 +73,10 @@ def head_factor(temperature, query: torch.Tensor, dtype: torch.dtype):
     if not torch.is_tensor(temperature) or temperature.numel() != hq:
         got = tuple(temperature.shape) if torch.is_tensor(temperature) else type(temperature).__name__
         raise ValueError(f"temperature must be a tensor with one value per query head ({hq}), got {got}.")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(temperature).all() & (temperature > 0).all()):
+        raise ValueError(f"temperature must be finite and > 0 for every head (it multiplies the length scale; "
+                         f"1 is the paper), got {temperature.detach().flatten().tolist()}: a learned temperature "
+                         "that diverged needs a lower learning rate or its log-parameter reset.")
     return temperature.to(device=query.device, dtype=dtype).reshape(1, hq, 1, 1)
 
 
@@ -124,19 +128,74 @@ def softplus_scores(query, key, mask, temperature=None):
     return sp, counts.to(s.dtype).unsqueeze(-1).expand(b, hq, lq, 1), visible
 
 
-def reweight(sp: torch.Tensor, n: torch.Tensor, visible: torch.Tensor, p: float) -> torch.Tensor:
+# Near ties. t_ij = N_i A_ij - 1 (rows with N_i > 3) is a difference of nearly equal numbers: the
+# row sum S of N positive terms has relative rounding at most (N - 1) eps in any summation order, and
+# each softplus score a few eps more (its cosine, softplus, the exp/log round trip of flex), so
+# |error of t_ij| < (N + 16) eps. A row whose largest t_ij is within TIE_ULPS times that of zero
+# has no re-weighted mass (its mass is rounding): it takes the LSSA fallback on every backend, so an
+# exactly tied row (identical keys, zero query) never becomes a sharp distribution over the keys whose
+# rounding happened to be positive. Rows with mass keep the plain formula relu(t)^p for every key (a
+# per-key threshold would change the gradient of keys near t = 0 by O(1) for p <= 1). Rows with
+# N_i <= 3 have t = N A > 0 (no cancellation) and no threshold.
+TIE_ULPS = 2.0
+TIE_TERMS = 16
+
+
+def tie_tolerance(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per row: the row has re-weighted mass only if max_j t_j exceeds this (0 for rows with N <= 3)."""
+    return torch.where(n > 3, TIE_ULPS * (n + TIE_TERMS) * torch.finfo(dtype).eps, 0.0)
+
+
+# Gradient bound (half-precision inputs). The gradient through the re-weighting is the derivative
+# of the log-weight p log t_ij, p / t_ij: it grows without bound as t_ij -> 0 (nearly tied rows, any
+# key near the mean for p < 1). Beyond 1 / eps of the input dtype a one-ulp change of an fp16 / bf16
+# input moves t_ij by more than t_ij itself (the gradient describes rounding), and fp16 overflows
+# (65504). So for fp16 / bf16 inputs, in rows with N > 3, that derivative is capped at 1 / eps_in:
+# keys with t_ij < p eps_in get p / (p eps_in) instead of p / t_ij (through sp_ij - mean_i; the row
+# constant of t cancels in the renormalisation). Outputs are exact; fp32 / fp64 inputs keep the
+# exact gradient.
+def grad_floor(p: float, input_dtype: torch.dtype) -> float:
+    """t below which the derivative of p log t is capped (0: exact gradient)."""
+    return p * torch.finfo(input_dtype).eps if input_dtype in (torch.float16, torch.bfloat16) else 0.0
+
+
+class _FlooredLog(torch.autograd.Function):
+    """log(t) whose backward divides by max(t, floor) instead of t."""
+
+    @staticmethod
+    def forward(ctx, t, floor):
+        ctx.save_for_backward(t, floor)
+        return torch.log(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, floor = ctx.saved_tensors
+        return grad / torch.maximum(t, floor), None
+
+
+def reweight(sp: torch.Tensor, n: torch.Tensor, visible: torch.Tensor, p: float,
+             input_dtype: torch.dtype | None = None) -> torch.Tensor:
     """LSSAR weights from softplus scores: relu(N*A - O)^p renormalised, in log space.
 
-    Rows whose re-weighted mass is all zero fall back to LSSA weights A.
+    N*A - O = x / m with x = sp - m, m = O * S / N (the row mean, or 0): the row constant 1/m cancels
+    in the renormalisation, so the weights are softmax(p log x) over x > 0. Rows whose largest
+    N*A - O is at most ``tie_tolerance`` (no mass but rounding) fall back to LSSA weights A. For
+    fp16 / bf16 ``input_dtype`` the gradient through the re-weighting is bounded (``grad_floor``).
     """
     total = sp.sum(-1, keepdim=True)
     lssa = sp / total.clamp_min(torch.finfo(sp.dtype).tiny)
-    offset = (n > 3).to(sp.dtype)
-    t = n * lssa - offset  # N*A - O
-    keep = visible & (t > 0)
-    # log of a safe value so the unselected branch has a finite gradient
-    logits = torch.where(keep, p * torch.log(torch.where(keep, t, 1.0)), -math.inf)
-    has_mass = keep.any(-1, keepdim=True)
+    m = torch.where(n > 3, total / n.clamp_min(1), 0.0)
+    x = sp - m  # (N*A - O) * m
+    keep = visible & (x > 0)
+    safe_x = torch.where(keep, x, 1.0)  # log of a safe value: the unselected branch has a finite gradient
+    floor = grad_floor(p, input_dtype or sp.dtype)
+    if floor and safe_x.requires_grad:  # the derivative of log x capped at 1 / (floor m): t < floor
+        log_x = _FlooredLog.apply(safe_x, (floor * m).detach())
+    else:
+        log_x = torch.log(safe_x)
+    logits = torch.where(keep, p * log_x, -math.inf)
+    max_x = torch.where(visible, x, 0.0).amax(-1, keepdim=True)
+    has_mass = max_x > tie_tolerance(n, sp.dtype) * m
     reweighted = torch.softmax(torch.where(has_mass, logits, 0.0), dim=-1)
     return torch.where(has_mass, reweighted, lssa)
 
@@ -153,7 +212,7 @@ def _weights(query, key, mask, variant, p, temperature):
         mask = causal_mask(query.shape[-2], key.shape[-2], query.device)
     sp, n, visible = softplus_scores(query, key, mask, temperature)
     if variant == "lssar":
-        return reweight(sp, n, visible, p)
+        return reweight(sp, n, visible, p, query.dtype)
     return sp / sp.sum(-1, keepdim=True).clamp_min(torch.finfo(sp.dtype).tiny)
 
 
@@ -182,6 +241,11 @@ def _materialized(query, key, value, mask, variant, p, dropout_p, return_weights
 
 def check_shapes(query, key, value) -> None:
     """Clear errors for layouts that would otherwise broadcast into wrong results."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            got = t.dtype if torch.is_tensor(t) else type(t).__name__
+            raise TypeError(f"LSSA {name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                            f"got {got}: convert it with .float().")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError("LSSA expects 4-D query/key/value in (batch, heads, length, head_dim) layout.")
     if query.shape[0] != key.shape[0] or key.shape[:3] != value.shape[:3]:
@@ -190,3 +254,19 @@ def check_shapes(query, key, value) -> None:
     if query.shape[-1] != key.shape[-1] or query.shape[1] % key.shape[1]:
         raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of key/value heads "
                          f"({key.shape[1]}) and head dims must match.")
+
+
+def check_mask(mask, query, key) -> None:
+    """A mask must be boolean (True = visible) and broadcastable to (B, Hq, Lq, Lk)."""
+    if mask is None:
+        return
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool:
+        got = mask.dtype if torch.is_tensor(mask) else type(mask).__name__
+        raise TypeError(f"mask must be a boolean tensor (True = visible), got {got}: pass mask.bool() for a 0/1 "
+                        "mask, or mask == 0 for an additive float mask.")
+    b, hq, lq, _ = query.shape
+    want = (b, hq, lq, key.shape[-2])
+    shape = tuple(mask.shape)
+    if mask.dim() > 4 or any(m not in (1, w) for m, w in zip(shape[::-1], want[::-1])) or shape[-1:] != want[-1:]:
+        raise ValueError(f"mask of shape {shape} does not broadcast to (batch, query heads, queries, keys) = {want}: "
+                         "it needs one column per key, and batch/heads/queries of the inputs' size or 1.")

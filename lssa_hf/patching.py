@@ -154,17 +154,27 @@ def patch(model, variant: str = "lssar", p: float = DEFAULT_P, backend: str = "a
     return model
 
 
-def unpatch(model):
-    """Restore the attention implementation ``model`` had before ``patch``. Returns the same model."""
+def unpatch(model, attn_implementation: str | None = None):
+    """Restore the attention implementation ``model`` had before ``patch`` (or ``attn_implementation``).
+
+    If transformers cannot load that implementation here (flash_attention_2 without flash-attn, say)
+    the model stays on LSSA, unchanged, and the error says so. Returns the same model.
+    """
     model_ = base_model(model)
-    original = model_.__dict__.pop(_ORIGINAL, None)
+    if not is_patched(model_):
+        raise ValueError("This model does not use LSSA; there is nothing to unpatch.")
+    original = attn_implementation or model_.__dict__.get(_ORIGINAL)
     if original is None:
-        if not is_patched(model_):
-            raise ValueError("This model does not use LSSA; there is nothing to unpatch.")
         original = model_.get_correct_attn_implementation(None)  # loaded as LSSA: transformers' default
+    try:
+        model_.set_attn_implementation(original)
+    except (ImportError, ValueError) as err:
+        raise RuntimeError(f"Cannot restore attn_implementation={original!r} on this machine ({err}). The model "
+                           "still uses LSSA; install what it needs and unpatch again, or pick another one: "
+                           "lssa_hf.unpatch(model, attn_implementation='sdpa').") from err
+    model_.__dict__.pop(_ORIGINAL, None)
     _set_settings(model_, None)
     remove_temperatures(model_)
-    model_.set_attn_implementation(original)
     return model
 
 

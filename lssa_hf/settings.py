@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -25,11 +26,13 @@ CONFIG_KEY = "lssa"
 
 
 def check_settings(variant: str, p: float) -> None:
-    """Raise a ValueError that names the fix for an unknown variant or a non-positive p."""
-    if variant not in VARIANTS:
+    """Raise a ValueError that names the fix for an unknown variant or a p that is not a number > 0
+    (for either variant: "lssa" ignores p, but it is stored with the settings)."""
+    if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"Unknown LSSA variant {variant!r}: use one of {VARIANTS}.")
-    if variant == "lssar" and not (isinstance(p, (int, float)) and 0 < p < math.inf):  # traceable; False for NaN
-        raise ValueError(f"LSSAR needs a finite re-weighting power p > 0 (paper default {DEFAULT_P}), got {p!r}.")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < math.inf:  # NaN fails too
+        raise ValueError(f"The re-weighting power must be a finite number p > 0, e.g. p={DEFAULT_P} (the paper's "
+                         f"default; variant='lssa' ignores it), got {p!r} ({type(p).__name__}).")
 
 
 def check_length(length) -> int:

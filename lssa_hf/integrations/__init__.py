@@ -18,6 +18,9 @@ def register_on_import() -> None:
 
 
 def _register() -> None:
+    partial = sys.modules.get(__name__ + ".hf_attention")
+    if partial is not None and not hasattr(partial, "register"):
+        return  # transformers was first imported by hf_attention itself, which registers once loaded
     from .hf_attention import register
 
     register()

@@ -65,7 +65,8 @@ def _as_bool(mask: torch.Tensor) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask
     if not mask.is_floating_point():
-        raise TypeError(f"attention mask must be boolean or additive float, got {mask.dtype}.")
+        raise TypeError(f"attention mask must be boolean (True = visible) or additive float (0 = visible), got "
+                        f"{mask.dtype}: pass mask.bool() for a 0/1 mask.")
     visible = mask == 0
     if ((~visible) & (mask > -1e3)).any():
         raise ValueError(
@@ -162,3 +163,6 @@ def register() -> None:
                      (SSMAX, ssmax_attention_forward)):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, lssa_mask)
+
+
+register()  # importing this module (which imports transformers) makes the backends available

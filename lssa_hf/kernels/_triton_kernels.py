@@ -177,7 +177,7 @@ def _saved_stats(stat, plane, rows, LSSAR: tl.constexpr, BM: tl.constexpr):
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p,
+                srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p, tie_eps, tie_terms,
                 LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, O_PREC: tl.constexpr,
                 EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):
@@ -202,7 +202,9 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
             total += _sum(sp, 1)
             top = tl.maximum(top, _max(sp, 1))
         m = alpha * total
-        fallback = top <= m
+        # no re-weighted mass within rounding (functional.tie_tolerance: tie_eps (N + tie_terms), N = 1/alpha)
+        tie = tl.where(alpha > 0, 1.0 + tie_eps * (1.0 / tl.maximum(alpha, _TINY) + tie_terms), 1.0)
+        fallback = top <= m * tie
         inv_scale = 1.0 / tl.where(fallback, 1.0, top - m)
     acc = tl.full([BM, BDV], 0.0, dtype=tl.float32)
     wsum = tl.full([BM], 0.0, dtype=tl.float32)
@@ -229,12 +231,16 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
 
 
 @triton.jit
-def _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, LSSAR: tl.constexpr):
-    """(weights w, h = u^(P-1) (g - D)) of one tile; P = 1 (h = g - D) for LSSA and fallback rows."""
+def _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, floor, LSSAR: tl.constexpr):
+    """(weights w, h = u^(P-1) (g - D)) of one tile; P = 1 (h = g - D) for LSSA and fallback rows.
+    floor > 0 (half inputs) bounds the gradient: u^(P-1) -> u^P / max(u, floor m / scale)."""
     if LSSAR:
         u = tl.maximum((sp - m[:, None]) * inv_scale[:, None], 0.0)
-        um1 = tl.where(fallback[:, None], 1.0, _pow(u, p - 1.0))
-        w = tl.where(fallback[:, None], sp, um1 * u)
+        floor_u = (floor * m * inv_scale)[:, None]
+        up = _pow(u, p)
+        bounded = tl.where(u > 0, up / tl.maximum(u, floor_u), 0.0)
+        um1 = tl.where(fallback[:, None], 1.0, tl.where(floor_u > 0, bounded, _pow(u, p - 1.0)))
+        w = tl.where(fallback[:, None], sp, tl.where(floor_u > 0, up, um1 * u))
     else:
         um1 = tl.full(sp.shape, 1.0, dtype=tl.float32)
         w = sp
@@ -244,7 +250,7 @@ def _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, LSSAR: tl.constexp
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
-                   srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p,
+                   srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p, floor,
                    LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, V_PREC: tl.constexpr,
                    G_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
                    BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -270,7 +276,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
         vt = tl.load(vb + offs_n[None, :] * svn + offs_dv[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
         gr = _dot(do, vt, V_PREC, EMULATE)
-        _, hh = _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, LSSAR)
+        _, hh = _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, floor, LSSAR)
         hh = tl.where(vis, hh, 0.0)
         acc_h += _dot(hh * sig, tl.trans(kt), G_PREC, EMULATE)
         if LSSAR:
@@ -292,7 +298,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
-                     srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p,
+                     srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p, floor,
                      LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr,
                      V_PREC: tl.constexpr, G_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                      BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -334,7 +340,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
                 sp = tl.where(vis, sp, 0.0)
                 sig = tl.where(vis, sig, 0.0)
                 gr = tl.trans(_dot(v, dot_, V_PREC, EMULATE))
-                w, hh = _row_terms(sp, sig, gr, delta, mm, inv_scale, fallback, p, LSSAR)
+                w, hh = _row_terms(sp, sig, gr, delta, mm, inv_scale, fallback, p, floor, LSSAR)
                 inv_w = 1.0 / tl.maximum(wsum, _TINY)
                 coef = tl.where(fallback, 1.0, p * inv_scale) * inv_w
                 ds = tl.where(vis, (hh - agamma[:, None]) * sig, 0.0) * coef[:, None]

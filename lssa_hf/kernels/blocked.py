@@ -11,14 +11,17 @@ Per row (c = log(d) log(N) is folded into the query, so s_j = <c q^, k^_j>):
   LSSA : w_j = sp_j
   LSSAR: w_j = relu((sp_j - m) / scale)^P with m = S/N if N > 3 else 0 and scale = max_j sp_j - m,
          so the largest weight is 1 and w never overflows. This is relu(N*A_j - O)^p up to a row
-         constant. Rows with no mass (all sp_j <= m: exactly uniform rows, or N = 0) fall back to
-         LSSA weights sp_j (in backward: P = 1, scale = 1, no mean term).
+         constant. Rows with no mass (max_j sp_j at most m (1 + tol), tol = ``functional.tie_tolerance``:
+         max N*A - 1 within rounding of zero; tied rows, or N = 0) fall back to LSSA weights sp_j
+         (in backward: P = 1, scale = 1, no mean term).
   out = sum_j w_j v_j / W,  W = sum_j w_j.
 Backward (g_j = <dout, v_j>, D = <dout, out>):
   LSSA : ds_j = (g_j - D) / S * sigmoid(s_j)
   LSSAR: h_j = (u_j)^(P-1) (g_j - D), coef = P / (W scale), Gamma = sum_j h_j,
          ds_j = coef (h_j - [N > 3] Gamma / N) sigmoid(s_j)
-         (the Gamma term is the gradient through mu = S/N, which every visible score shares).
+         (the Gamma term is the gradient through mu = S/N, which every visible score shares);
+         for fp16 / bf16 inputs u^(P-1) is u^P / max(u, floor) (``functional.grad_floor``: the
+         derivative p / t of the log-weight capped at 1 / eps; t = u scale / m).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import weakref
 
 import torch
 
-from ..functional import as_4d, scaled_unit_qk, visible_counts
+from ..functional import as_4d, grad_floor, scaled_unit_qk, tie_tolerance, visible_counts
 from ..settings import DEFAULT_P
 
 # Elements per strip (all batches and heads together). 1M fp32 = 4 MiB per strip temporary, i.e.
@@ -156,15 +159,16 @@ def fwd_lssa(s):
     return w, w.sum(-1, keepdim=True)
 
 
-def fwd_lssar(s, alpha, p: float):
+def fwd_lssar(s, alpha, tie, p: float):
     """Weights w = relu((sp - m) / scale)^p (sp on fallback rows), and W = sum w, m, 1/scale, fallback.
 
     alpha = [N > 3] / N, so m = alpha * S is the row mean (or 0); scale = max sp - m makes the
-    largest weight 1. Fallback rows (all sp <= m: exactly uniform, or N = 0) keep LSSA weights."""
+    largest weight 1. Fallback rows (max sp <= m * tie, tie = 1 + tie tolerance: max N*A - 1 within
+    rounding of 0; tied rows, or N = 0) keep LSSA weights."""
     sp = _softplus(s)
     m = alpha * sp.sum(-1, keepdim=True)
     top = sp.amax(-1, keepdim=True)
-    fallback = top <= m
+    fallback = top <= m * tie
     inv_scale = 1.0 / torch.where(fallback, 1.0, top - m)
     u = torch.relu((sp - m) * inv_scale)
     w = torch.where(fallback, sp, u.pow(p))
@@ -185,18 +189,24 @@ def bwd_lssa(s, gr, delta):
     return sp, (gr - delta) * sig
 
 
-def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, p: float):
+def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, floor_u, p: float):
     """Recomputed weights w and ds / coef with coef = P / (W scale) (1 / S on fallback rows).
 
     h = u^(P-1) (g - D); ds/coef = (h - alpha sum(h)) sigmoid(s): the alpha term is the gradient
-    through the row mean m, shared by every visible score."""
+    through the row mean m, shared by every visible score. With ``floor_u`` (a row value; None for
+    the exact gradient) u^(P-1) becomes u^P / max(u, floor_u): the bounded gradient of half inputs."""
     sp, sig = _softplus_sigmoid(s)
     u = torch.relu((sp - m) * inv_scale)
-    um1 = u.pow(p - 1.0)
-    if p <= 1.0:  # relu'(0) = 0, while 0^(p-1) is 1 or inf
-        um1 = torch.where(u > 0, um1, 0.0)
+    if floor_u is None:
+        um1 = u.pow(p - 1.0)
+        if p <= 1.0:  # relu'(0) = 0, while 0^(p-1) is 1 or inf
+            um1 = torch.where(u > 0, um1, 0.0)
+        up = um1 * u
+    else:
+        up = u.pow(p)
+        um1 = torch.where(u > 0, up / torch.maximum(u, floor_u), 0.0)
     um1 = torch.where(fallback, 1.0, um1)
-    w = torch.where(fallback, sp, um1 * u)
+    w = torch.where(fallback, sp, up)
     h = um1 * (gr - delta)
     alpha = torch.where(fallback, 0.0, alpha)
     ds = (h - alpha * h.sum(-1, keepdim=True)) * sig
@@ -208,6 +218,11 @@ def alpha_rows(n, b, hkv, g, lq, dtype):
     return _rows(torch.where(n > 3, 1.0 / n.clamp_min(1).to(dtype), 0.0).to(dtype), b, hkv, g, lq)
 
 
+def tie_rows(n, b, hkv, g, lq, dtype):
+    """1 + tie tolerance per row (B, Hkv, G, Lq): LSSAR rows with max sp <= m * this have no mass."""
+    return _rows((1.0 + tie_tolerance(n.to(dtype), dtype)).to(dtype), b, hkv, g, lq)
+
+
 def forward_strips(qs, k, v, mask4, n, variant, p, plan):
     """out = LSSA/LSSAR(qs, k, v) where qs = c * unit(q), k = unit(k), in pure torch; and the
     per-row statistics backward needs: LSSA S; LSSAR W, m, 1/scale, fallback (nstat, B, Hkv, G, Lq)."""
@@ -216,6 +231,7 @@ def forward_strips(qs, k, v, mask4, n, variant, p, plan):
     g = hq // hkv
     qs5 = qs.view(b, hkv, g, lq, d)
     alpha5 = alpha_rows(n, b, hkv, g, lq, qs.dtype)
+    tie5 = tie_rows(n, b, hkv, g, lq, qs.dtype)
     out = qs.new_zeros(b, hkv, g, lq, dv)
     work = _workspace(qs, plan, hkv)
     nstat = 1 if variant == "lssa" else 4  # LSSA: S.  LSSAR: W, m, 1/scale, fallback
@@ -233,7 +249,7 @@ def forward_strips(qs, k, v, mask4, n, variant, p, plan):
         if variant == "lssa":
             w, *row_stats = fwd_lssa(s)  # row_stats: S
         else:  # row_stats: W, m, 1/scale, fallback
-            w, *row_stats = fwd_lssar(s, rows(alpha5, q0, q1), p)
+            w, *row_stats = fwd_lssar(s, rows(alpha5, q0, q1), rows(tie5, q0, q1), p)
         del s
         o = torch.matmul(w, v[:, :, k0:k1])  # S apart: a ones column on v made this GEMM slower
         for i, x in enumerate(row_stats):
@@ -244,8 +260,9 @@ def forward_strips(qs, k, v, mask4, n, variant, p, plan):
     return out.view(b, hq, lq, dv), stats
 
 
-def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan):
-    """Gradients (dqs, dk, dv) of ``forward_strips``, recomputing each strip (pure torch)."""
+def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floor=0.0):
+    """Gradients (dqs, dk, dv) of ``forward_strips``, recomputing each strip (pure torch);
+    ``floor`` > 0 bounds the re-weighting gradient (``functional.grad_floor`` of the input dtype)."""
     b, hq, lq, d = qs.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
@@ -274,7 +291,9 @@ def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan):
         else:
             m, inv_scale, fallback = rows(stats[1], q0, q1), rows(stats[2], q0, q1), rows(stats[3], q0, q1)
             fallback = fallback.bool()
-            w, ds = bwd_lssar(s, gr, rows(delta5, q0, q1), m, inv_scale, fallback, rows(alpha5, q0, q1), p)
+            floor_u = floor * m * inv_scale if floor else None  # t = floor in units of u (0 if N <= 3)
+            w, ds = bwd_lssar(s, gr, rows(delta5, q0, q1), m, inv_scale, fallback, rows(alpha5, q0, q1),
+                              floor_u, p)
             coef = torch.where(fallback, 1.0, p * inv_scale) * inv_total
         del s, gr
         # per-row coefficients go on the small operands, not on the strip
@@ -338,5 +357,6 @@ def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p:
         n = torch.ops.lssa_hf.visible_counts(mask, b, hq, lq, lk, block_q, budget)
     qs, k = scaled_unit_qk(query, key, n, temperature)
     out, _ = torch.ops.lssa_hf.strips_fwd(qs.contiguous(), k.contiguous(), value.to(qs.dtype).contiguous(),
-                                          mask, n, variant, float(p), block_q, budget, impl)
+                                          mask, n, variant, float(p), grad_floor(float(p), query.dtype),
+                                          block_q, budget, impl)
     return out.to(query.dtype)

@@ -4,6 +4,7 @@ LSSA is a softmax over log(softplus(s)), so it is flex attention with
 ``score_mod = log(softplus(score))`` and the length scale c_i = log(d) log(N_i) folded into the unit
 query (``scale=1``). LSSAR is a second pass with ``score_mod = p log(sp - mu_i)`` (-inf where
 sp <= mu_i), mu_i = exp(lse_i) / N_i from pass 1 (0 when N_i <= 3); rows without re-weighted mass
+(max_j sp_ij <= mu_i (1 + tol_i), from pass 1's max score; tol = ``functional.tie_tolerance``)
 take the pass-1 output. Softplus is written as relu(x) + log1p(exp(-|x|)) because F.softplus inside
 a CPU flex kernel gives wrong bf16 results; the kernel runs in float32 (float64 for float64 inputs).
 
@@ -23,7 +24,7 @@ import math
 
 import torch
 
-from ..functional import as_4d, scaled_unit_qk, visible_counts
+from ..functional import as_4d, scaled_unit_qk, tie_tolerance, visible_counts
 from ..settings import DEFAULT_P
 
 try:
@@ -123,9 +124,11 @@ def run(query, key, value, mask, *, variant: str, p: float, temperature, grad: b
         out = flex(qs, k, v, score_mod=lssa_mod, block_mask=block_mask, scale=1.0, enable_gqa=hq != hkv)
     else:
         out, aux = flex(qs, k, v, score_mod=lssa_mod, block_mask=block_mask, scale=1.0,
-                        enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
+                        enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True, max_scores=True))
         with torch.no_grad():
             mu = torch.where(n > 3, torch.exp(aux.lse.to(dtype)) / n.clamp_min(1), 0.0).contiguous()
+            # max_scores is max_j log(sp_j): a row has mass only above the tie threshold
+            tied = torch.exp(aux.max_scores.to(dtype)) <= mu * (1.0 + tie_tolerance(n, dtype))
         power = float(p)
 
         def lssar_mod(score, bi, hi, qi, ki):
@@ -134,7 +137,7 @@ def run(query, key, value, mask, *, variant: str, p: float, temperature, grad: b
 
         out2, aux2 = flex(qs, k, v, score_mod=lssar_mod, block_mask=block_mask, scale=1.0,
                           enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True))
-        has_mass = torch.isfinite(aux2.lse).unsqueeze(-1)
+        has_mass = (torch.isfinite(aux2.lse) & ~tied).unsqueeze(-1)
         out = torch.where(has_mass, out2, out)
     # fully masked rows: exact zeros whatever the kernel left there
     out = torch.where((n > 0).unsqueeze(-1), out, 0.0)

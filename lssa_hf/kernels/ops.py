@@ -64,8 +64,9 @@ def _(mask, b, hq, lq, lk, block_q, budget):
 
 @torch.library.custom_op("lssa_hf::strips_fwd", mutates_args=())
 def strips_fwd(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n: Tensor, variant: str, p: float,
-               block_q: int | None, budget: int, impl: str) -> tuple[Tensor, Tensor]:
-    """(out (B, Hq, Lq, Dv), row statistics for backward) of LSSA/LSSAR on scaled unit q and unit k."""
+               floor: float, block_q: int | None, budget: int, impl: str) -> tuple[Tensor, Tensor]:
+    """(out (B, Hq, Lq, Dv), row statistics for backward) of LSSA/LSSAR on scaled unit q and unit k;
+    ``floor`` (``functional.grad_floor``, 0 = exact) bounds the re-weighting gradient in backward."""
     mask4, plan = _prepare(qs, k, mask, block_q, budget)
     mod = _native(qs, impl)
     if mod is None:
@@ -73,12 +74,13 @@ def strips_fwd(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n: Tensor,
     b, hq, lq, _ = qs.shape
     hkv = k.shape[1]
     alpha = blocked.alpha_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
-    out, stats = mod.forward(qs, k, v, mask4, alpha, _plan_tensor(plan), variant == "lssar", p)
+    tie = blocked.tie_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
+    out, stats = mod.forward(qs, k, v, mask4, alpha, tie, _plan_tensor(plan), variant == "lssar", p)
     return out, stats
 
 
 @strips_fwd.register_fake
-def _(qs, k, v, mask, n, variant, p, block_q, budget, impl):
+def _(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl):
     b, hq, lq, _ = qs.shape
     hkv = k.shape[1]
     nstat = 1 if variant == "lssa" else 4
@@ -87,36 +89,37 @@ def _(qs, k, v, mask, n, variant, p, block_q, budget, impl):
 
 @torch.library.custom_op("lssa_hf::strips_bwd", mutates_args=())
 def strips_bwd(dout: Tensor, qs: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, mask: Tensor | None,
-               n: Tensor, variant: str, p: float, block_q: int | None, budget: int,
+               n: Tensor, variant: str, p: float, floor: float, block_q: int | None, budget: int,
                impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dqs, dk, dv) of ``strips_fwd``, recomputing each strip."""
     mask4, plan = _prepare(qs, k, mask, block_q, budget)
     mod = _native(qs, impl)
     dout = dout.to(qs.dtype).contiguous()
     if mod is None:
-        return blocked.backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan)
+        return blocked.backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floor)
     b, hq, lq, _ = qs.shape
     hkv = k.shape[1]
     alpha = blocked.alpha_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
-    dq, dk, dv = mod.backward(dout, qs, k, v, out, stats, mask4, alpha, _plan_tensor(plan), variant == "lssar", p)
+    dq, dk, dv = mod.backward(dout, qs, k, v, out, stats, mask4, alpha, _plan_tensor(plan), variant == "lssar", p,
+                              floor)
     return dq, dk, dv
 
 
 @strips_bwd.register_fake
-def _(dout, qs, k, v, out, stats, mask, n, variant, p, block_q, budget, impl):
+def _(dout, qs, k, v, out, stats, mask, n, variant, p, floor, block_q, budget, impl):
     return torch.empty_like(qs), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    qs, k, v, mask, n, variant, p, block_q, budget, impl = inputs
+    qs, k, v, mask, n, variant, p, floor, block_q, budget, impl = inputs
     ctx.save_for_backward(qs, k, v, output[0], output[1], n, *([] if mask is None else [mask]))
-    ctx.args = (variant, p, block_q, budget, impl)
+    ctx.args = (variant, p, floor, block_q, budget, impl)
 
 
 def _backward(ctx, dout, _dstats):
     qs, k, v, out, stats, n, *mask = ctx.saved_tensors
     dq, dk, dv = strips_bwd(dout, qs, k, v, out, stats, mask[0] if mask else None, n, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("lssa_hf::strips_fwd", _backward, setup_context=_setup_context)

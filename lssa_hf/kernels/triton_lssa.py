@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..functional import DEFAULT_P, as_4d, scaled_unit_qk
+from ..functional import DEFAULT_P, TIE_TERMS, TIE_ULPS, as_4d, grad_floor, scaled_unit_qk
 
 PREC = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3, "tf32x3": 4}
 STORAGE = {0: torch.float32, 1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float32}
@@ -206,7 +206,7 @@ class TritonLSSA(torch.autograd.Function):
     """out = LSSA/LSSAR(qs, k, v) with qs = c q^ and k = k^ (fp32); grads for qs, k, v."""
 
     @staticmethod
-    def forward(ctx, qs, k, v, lo, hi, alpha, mask4, variant, p, precision):
+    def forward(ctx, qs, k, v, lo, hi, alpha, mask4, variant, p, precision, floor):
         b, hq, lq, d = qs.shape
         hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
         interpret = qs.device.type == "cpu" or interpreting()
@@ -226,10 +226,12 @@ class TritonLSSA(torch.autograd.Function):
         _launch("fwd", mod._fwd_kernel, (triton_cdiv(lq, bm), b * hq),
                 q_in, k_in, v_in, out, lo, hi, alpha, stats, margs[0],
                 *q_in.stride()[:3], *k_in.stride()[:3], *v_in.stride()[:3], *out.stride()[:3],
-                *_row_strides(lo), *margs[1:], lq, lk, hq, hq // hkv, float(p), **meta)
+                *_row_strides(lo), *margs[1:], lq, lk, hq, hq // hkv, float(p),
+                TIE_ULPS * torch.finfo(torch.float32).eps, float(TIE_TERMS), **meta)
         ctx.save_for_backward(q_in, k_in, v_in, out, stats, lo, hi, alpha,
                               *([mask4] if mask4 is not None else []))
         ctx.meta, ctx.interpret, ctx.p, ctx.has_mask = meta, interpret, float(p), mask4 is not None
+        ctx.floor = float(floor)
         ctx.v_dtype, ctx.bwd_prec = v.dtype, {"V_PREC": v_prec, "G_PREC": g_prec}
         return out
 
@@ -250,13 +252,13 @@ class TritonLSSA(torch.autograd.Function):
         gamma = torch.zeros(b * hq, lq, device=q_in.device, dtype=torch.float32)
         margs = _mask_args(mask4, lo)
         strides = (*q_in.stride()[:3], *k_in.stride()[:3], *v_in.stride()[:3], *do_in.stride()[:3])
-        tail = (*_row_strides(lo), *margs[1:], lq, lk, hq, hq // hkv, ctx.p)
+        tail = (*_row_strides(lo), *margs[1:], lq, lk, hq, hq // hkv, ctx.p, ctx.floor)
         _launch("bwd_dq", mod._bwd_dq_kernel, (triton_cdiv(lq, meta["BM"]), b * hq),
                 q_in, k_in, v_in, do_in, dq, gamma, lo, hi, alpha, stats, delta, margs[0], *strides, *tail, **meta)
         _launch("bwd_dkdv", mod._bwd_dkdv_kernel, (triton_cdiv(lk, meta["BN"]), b * hkv),
                 q_in, k_in, v_in, do_in, dk, dv_, gamma, lo, hi, alpha, stats, delta, margs[0],
                 *strides, *tail, **meta)
-        return dq, dk, dv_.to(ctx.v_dtype), None, None, None, None, None, None, None
+        return dq, dk, dv_.to(ctx.v_dtype), None, None, None, None, None, None, None, None
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -308,5 +310,6 @@ def triton_attention(query, key, value, mask=None, *, variant: str = "lssa", p: 
         precision = PRECISION[query.dtype]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, value)):
             precision = (precision[0], TRAIN_OUT, *precision[2:])
-    out = TritonLSSA.apply(qs, k, value, lo, hi, alpha, mask4, variant, float(p), precision)
+    out = TritonLSSA.apply(qs, k, value, lo, hi, alpha, mask4, variant, float(p), precision,
+                           grad_floor(float(p), query.dtype))
     return out.to(query.dtype)

@@ -155,9 +155,10 @@ T fwd_lssa_row(T* x, int64_t w) {
   return sum_of(acc);
 }
 
-// LSSAR forward row: x <- weights; writes W, m, 1/scale, fallback (blocked.fwd_lssar).
+// LSSAR forward row: x <- weights; writes W, m, 1/scale, fallback (blocked.fwd_lssar). tie = 1 +
+// the row's tie tolerance: a largest score within rounding of the mean is no re-weighted mass.
 template <typename T>
-void fwd_lssar_row(T* x, int64_t w, T alpha, const Power<T>& pow_p, T* st) {
+void fwd_lssar_row(T* x, int64_t w, T alpha, T tie, const Power<T>& pow_p, T* st) {
   using V = Vectorized<T>;
   V sum(T(0)), top(T(0)), e;
   for_vec<T>(w, [&](int64_t j, int64_t n) {
@@ -167,7 +168,7 @@ void fwd_lssar_row(T* x, int64_t w, T alpha, const Power<T>& pow_p, T* st) {
     top = at::vec::maximum(top, sp);
   });
   const T s_total = sum_of(sum), m = alpha * s_total, mx = max_of(top);
-  const bool fallback = !(mx > m);  // NaN rows too: they keep (NaN) LSSA weights
+  const bool fallback = !(mx > m * tie);  // NaN rows too: they keep (NaN) LSSA weights
   const T inv_scale = fallback ? T(1) : T(1) / (mx - m);
   T total = s_total;
   if (!fallback) {
@@ -199,10 +200,11 @@ void bwd_lssa_row(T* x, T* gr, int64_t w, T delta) {
 }
 
 // LSSAR backward row (non-fallback): x <- weights u^p, gr <- (h - alpha sum h) sigmoid(x) with
-// h = u^(p-1) (gr - D); sig: a row of scratch.
+// h = u^(p-1) (gr - D); sig: a row of scratch. floor_u > 0 (half-precision inputs) bounds the
+// gradient: u^(p-1) becomes u^p / max(u, floor_u) (blocked.bwd_lssar).
 template <typename T>
-void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T alpha,
-                   const Power<T>& pow_pm1) {
+void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T alpha, T floor_u,
+                   const Power<T>& pow_p, const Power<T>& pow_pm1) {
   using V = Vectorized<T>;
   const V vd(delta), vm(m), vinv(inv_scale), zero(T(0));
   V hsum(T(0)), e;
@@ -211,8 +213,15 @@ void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T 
     const V sp = softplus(s, e);
     const V sg = sigmoid(s, e);
     const V u = at::vec::maximum((sp - vm) * vinv, zero);
-    const V um1 = pow_pm1(u);  // relu'(0) = 0: zero where u = 0, for every p
-    (um1 * u).store(x + j, n);
+    V um1;
+    if (floor_u > T(0)) {  // u^p / max(u, floor_u), zero where u = 0 (relu'(0) = 0)
+      const V up = pow_p(u);
+      up.store(x + j, n);
+      um1 = V::blendv(zero, up / at::vec::maximum(u, V(floor_u)), u > zero);
+    } else {
+      um1 = pow_pm1(u);  // relu'(0) = 0: zero where u = 0, for every p
+      (um1 * u).store(x + j, n);
+    }
     const V h = head(um1 * (V::loadu(gr + j, n) - vd), n);
     hsum = hsum + h;
     (h * sg).store(gr + j, n);
@@ -289,7 +298,7 @@ at::Tensor rows_of(const at::Tensor& t, const Strip& st) {  // (B, Hkv, G, Lq) -
 // LSSA: S. LSSAR: W, m, 1/scale, fallback.
 std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& mask, const at::Tensor& alpha,
-                                const at::Tensor& plan, bool lssar, double p) {
+                                const at::Tensor& tie, const at::Tensor& plan, bool lssar, double p) {
   check_inputs(qs, k, v, mask, plan);
   const int64_t b = qs.size(0), hq = qs.size(1), lq = qs.size(2), d = qs.size(3);
   const int64_t hkv = k.size(1), dv = v.size(3), g = hq / hkv;
@@ -306,6 +315,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
     scalar_t* stp = stats.data_ptr<scalar_t>();
     scalar_t* op = out5.data_ptr<scalar_t>();
     const scalar_t* al = alpha.data_ptr<scalar_t>();
+    const scalar_t* ti = tie.data_ptr<scalar_t>();
     const Power<scalar_t> pow_p((scalar_t)p);
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
@@ -322,7 +332,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
           zero_tail(x, vis, w);
           if (lssar) {
             scalar_t row_st[4];
-            fwd_lssar_row(x, vis, al[gr], pow_p, row_st);
+            fwd_lssar_row(x, vis, al[gr], ti[gr], pow_p, row_st);
             for (int c = 0; c < 4; ++c) stp[c * plane + gr] = row_st[c];
           } else {
             stp[gr] = fwd_lssa_row(x, vis);
@@ -346,7 +356,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
 std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats,
                                  const c10::optional<at::Tensor>& mask, const at::Tensor& alpha,
-                                 const at::Tensor& plan, bool lssar, double p) {
+                                 const at::Tensor& plan, bool lssar, double p, double floor) {
   check_inputs(qs, k, v, mask, plan);
   const int64_t b = qs.size(0), hq = qs.size(1), lq = qs.size(2), d = qs.size(3);
   const int64_t hkv = k.size(1), dv = v.size(3), g = hq / hkv;
@@ -366,7 +376,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
     const scalar_t* al = alpha.data_ptr<scalar_t>();
     const scalar_t* dl = delta.data_ptr<scalar_t>();
     scalar_t* dqp = dq5.data_ptr<scalar_t>();
-    const Power<scalar_t> pow_pm1((scalar_t)(p - 1.0));
+    const Power<scalar_t> pow_p((scalar_t)p), pow_pm1((scalar_t)(p - 1.0));
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
       const int64_t w = st.width(), bq = st.bq();
@@ -388,8 +398,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
           zero_tail(x, vis, w);
           zero_tail(gx, vis, w);
           if (lssar && stp[3 * plane + gi] == scalar_t(0)) {
-            bwd_lssar_row(x, gx, scratch.data(), vis, dl[gi], stp[plane + gi], stp[2 * plane + gi],
-                          al[gi], pow_pm1);
+            const scalar_t m = stp[plane + gi], inv_scale = stp[2 * plane + gi];
+            bwd_lssar_row(x, gx, scratch.data(), vis, dl[gi], m, inv_scale, al[gi],
+                          (scalar_t)(floor * m * inv_scale), pow_p, pow_pm1);
           } else {  // LSSA, or an LSSAR fallback row (LSSA weights)
             bwd_lssa_row(x, gx, vis, dl[gi]);
           }
