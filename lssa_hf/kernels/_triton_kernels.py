@@ -282,7 +282,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
         if LSSAR:
             gamma += _sum(hh, 1)
             acc_s += _dot(sig, tl.trans(kt), G_PREC, EMULATE)
-    inv_w = 1.0 / tl.maximum(wsum, _TINY)
+    inv_w = tl.where(wsum > 0, 1.0 / tl.maximum(wsum, _TINY), 0.0)  # 0: rows with no visible key
     if LSSAR:
         alpha = tl.load(ALPHA + row_off, mask=rows, other=0.0)
         alpha = tl.where(fallback, 0.0, alpha)
@@ -341,7 +341,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
                 sig = tl.where(vis, sig, 0.0)
                 gr = tl.trans(_dot(v, dot_, V_PREC, EMULATE))
                 w, hh = _row_terms(sp, sig, gr, delta, mm, inv_scale, fallback, p, floor, LSSAR)
-                inv_w = 1.0 / tl.maximum(wsum, _TINY)
+                inv_w = tl.where(wsum > 0, 1.0 / tl.maximum(wsum, _TINY), 0.0)  # 0: rows with no visible key
                 coef = tl.where(fallback, 1.0, p * inv_scale) * inv_w
                 ds = tl.where(vis, (hh - agamma[:, None]) * sig, 0.0) * coef[:, None]
                 dk += _dot(tl.trans(ds), tl.trans(qt), G_PREC, EMULATE)

@@ -284,7 +284,10 @@ def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floo
         s, qb = _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work)
         do = dout5[:, :, :, q0:q1].reshape(b, hkv, g * bq, dv)
         gr = torch.matmul(do, v[:, :, k0:k1].transpose(-1, -2))  # g_j = <dout, v_j>
-        inv_total = 1.0 / rows(stats[0], q0, q1).clamp_min(tiny)
+        total = rows(stats[0], q0, q1)
+        # 0 on rows without visible keys: 1 / tiny times a large upstream gradient overflows to inf,
+        # and inf * 0 (their weights) poisons dv with NaN
+        inv_total = torch.where(total > 0, 1.0 / total.clamp_min(tiny), 0.0)
         if variant == "lssa":
             w, ds = bwd_lssa(s, gr, rows(delta5, q0, q1))
             coef = inv_total

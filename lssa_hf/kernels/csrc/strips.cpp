@@ -406,7 +406,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
           }
         }
       });
-      auto inv_total = rows_of(stats[0], st).clamp_min(tiny).reciprocal();
+      // 0 on rows without visible keys (1 / tiny times a large upstream gradient is inf, and inf * 0 NaN)
+      const auto total = rows_of(stats[0], st);
+      auto inv_total = at::where(total > 0, total.clamp_min(tiny).reciprocal(), at::zeros_like(total));
       auto coef = inv_total;
       if (lssar) {  // P / (W scale), or 1 / S on fallback rows
         auto fb = rows_of(stats[3], st);
