@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
-import os
 
 
 def supported_model_types() -> tuple[list[str], list[str]]:
@@ -46,12 +45,12 @@ def run(args) -> int:
     print(f"{'backends':>13}: {', '.join(registered)} (attn_implementation=...)")
     from lssa_hf.settings import BACKENDS
     print(f"{'kernel paths':>13}: {', '.join(BACKENDS)} (force with LSSA_BACKEND=...)")
-    from lssa_hf.kernels import native
-    state = (f"yes, {native.isa()} strips (all four passes), built once per machine on first use"
-             if native.supported() else
-             f"no (needs Linux on x86-64 or aarch64; CPU capability {torch_cpu_capability()}, {native.NATIVE_ENV}="
-             f"{os.environ.get(native.NATIVE_ENV, '1')})")
-    print(f"{'native CPU':>13}: {state}")
+    from lssa_hf.kernels import native, status
+    print(f"{'CPU':>13}: {torch_cpu_capability()}")
+    for name in status.KERNELS:  # builds the native strips once to find out
+        reason = status.why_off(name)
+        state = "runs here" + (f" ({native.isa()}, all four passes)" if name == "native" else "")
+        print(f"{name + ' kernel':>13}: {state if reason is None else 'off: ' + reason}")
     if args.models:
         supported, unsupported = supported_model_types()
         print(f"\nsupported causal LM model types ({len(supported)}):\n  " + ", ".join(supported))
