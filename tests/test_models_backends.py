@@ -17,6 +17,7 @@ from transformers import DynamicCache
 import lssa_hf
 from lssa_hf import attention
 from lssa_hf.kernels import blocked, compiled, flex
+import test_models
 from test_reference_models import reference_model_logits
 from tiny_models import VOCAB, tiny_model
 
@@ -47,12 +48,11 @@ def case(request, monkeypatch):
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(attention, "materialized_attention",
-                        spy(lambda kw: "materialized", attention.materialized_attention))
+    monkeypatch.setattr(attention, "_materialized", spy(lambda kw: "materialized", attention._materialized))
     monkeypatch.setattr(blocked, "blocked_attention",
                         spy(lambda kw: "blocked" if kw.get("ops") is None else "blocked_compiled",
                             blocked.blocked_attention))
-    monkeypatch.setattr(flex, "flex_lssa", spy(lambda kw: "flex", flex.flex_lssa))
+    monkeypatch.setattr(flex, "run", spy(lambda kw: "flex", flex.run))
     yield name, arch, variant_p
     assert ran["materialized"] == 0, ran
     allowed = {"flex": ("flex", "blocked_compiled")}.get(name, (name,))
@@ -139,23 +139,10 @@ def test_left_padded_batched_generate_equals_each_sequence_alone(case):
             close(step_batch[row], step_alone[0], 1e-4)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("with_cu_seq_lens", [False, True])
 def test_packed_documents_equal_each_document_alone(case, with_cu_seq_lens):
     _, arch, (variant, p) = case
-    model = patched(arch, variant, p)
-    docs = [tokens(7, seed=4)[0], tokens(10, seed=5)[0], tokens(3, seed=6)[0]]
-    ids = torch.cat(docs)[None]
-    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    kwargs = {}
-    if with_cu_seq_lens:  # what DataCollatorWithFlattening hands the model
-        cu = torch.tensor([0] + [len(d) for d in docs]).cumsum(0).to(torch.int32)
-        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=10, max_length_k=10)
-    packed = model(ids, position_ids=position_ids, **kwargs).logits[0]
-    start = 0
-    for d in docs:
-        close(packed[start:start + len(d)], model(d[None]).logits[0])
-        start += len(d)
+    test_models.test_packed_documents_match_each_document_alone(patched(arch, variant, p), with_cu_seq_lens)
 
 
 @torch.no_grad()
@@ -163,8 +150,8 @@ def test_forced_flex_runs_flex_for_causal_lssa_inference(monkeypatch):
     if not flex.available():
         pytest.skip("flex_attention unavailable in this torch")
     calls = []
-    real = flex.flex_lssa
-    monkeypatch.setattr(flex, "flex_lssa", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = flex.run
+    monkeypatch.setattr(flex, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv(attention.BACKEND_ENV, "flex")
     model = patched("llama", "lssa", 15.0)
     x = tokens(20)
