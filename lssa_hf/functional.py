@@ -40,10 +40,33 @@ def unit(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps * eps)
 
 
+class _SaturatingCast(torch.autograd.Function):
+    """x.to(dtype) whose gradient saturates at the input dtype's largest finite value: a zero fp16
+    row's gradient (upstream / eps, times LSSAR's re-weighting) can exceed 65504, and inf would
+    poison the optimizer step; the direction is kept."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.input_dtype = x.dtype
+        return x.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        big = torch.finfo(ctx.input_dtype).max
+        return grad.clamp(-big, big).to(ctx.input_dtype), None
+
+
+def to_compute(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the compute dtype; from half precision with a saturating gradient (``_SaturatingCast``)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and dtype != x.dtype and x.requires_grad:
+        return _SaturatingCast.apply(x, dtype)
+    return x.to(dtype)
+
+
 def unit_qk(query: torch.Tensor, key: torch.Tensor, dtype: torch.dtype):
     """Unit-norm query and key in the compute ``dtype``, with the input dtype's epsilon."""
     eps = norm_eps(query.dtype)
-    return unit(query.to(dtype), eps), unit(key.to(dtype), eps)
+    return unit(to_compute(query, dtype), eps), unit(to_compute(key, dtype), eps)
 
 
 def causal_mask(q_len: int, k_len: int, device=None, window: int | None = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from lssa_hf.attention import lssa_attention
 from lssa_hf.functional import causal_mask, norm_eps, softplus_scores
-from lssa_hf.kernels import compiled
+from lssa_hf.kernels import triton_lssa
 from reference import reference_attention
 
 settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, print_blob=True,
@@ -36,7 +36,8 @@ settings.register_profile("long", max_examples=10_000, deadline=None, print_blob
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("LSSA_HYPOTHESIS_PROFILE", "ci")
 
-BACKENDS = ["materialized", "blocked", "blocked_compiled", "flex"]
+# triton runs under its interpreter on CPU (set below), in float32: it rounds half operands (docs/kernels.md)
+BACKENDS = ["materialized", "blocked", "native", "flex", *(["triton"] if triton_lssa.available() else [])]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 MASKS = ["causal", "window", "padding", "packed", "per_head", "full"]
 DEGENERATE = ["none", "zero_q", "zero_k", "tied_keys", "huge", "tiny"]
@@ -49,13 +50,12 @@ COUNTS = {"cases": 0, "outputs_compared_rows": 0, "rows_finite_only": 0, "gradie
 def cases(draw):
     hkv = draw(st.sampled_from([1, 2]))
     backend = draw(st.sampled_from(BACKENDS))
-    # the compiled strips specialise on p (a recompile per value, eager maths past torch's limit):
-    # a few values there; the eager blocked kernel, the same maths, takes any p
-    p = draw(st.sampled_from([0.5, 1.0, 3.0, 15.0]) if backend == "blocked_compiled" else st.floats(0.01, 50.0))
+    p = draw(st.floats(0.01, 50.0))
+    dtype = draw(st.sampled_from(DTYPES))
     return dict(
         b=draw(st.sampled_from([1, 2])), hkv=hkv, hq=hkv * draw(st.sampled_from([1, 2, 3])),
         lq=draw(st.integers(1, 40)), extra=draw(st.integers(0, 24)), d=draw(st.sampled_from([4, 8, 16, 32])),
-        dtype=draw(st.sampled_from(DTYPES)), variant=draw(st.sampled_from(["lssa", "lssar"])),
+        dtype=torch.float32 if backend == "triton" else dtype, variant=draw(st.sampled_from(["lssa", "lssar"])),
         p=p, mask=draw(st.sampled_from(MASKS)),
         degenerate=draw(st.sampled_from(DEGENERATE)), backend=backend,
         window=draw(st.integers(1, 12)), seed=draw(st.integers(0, 2 ** 31 - 1)))
@@ -140,11 +140,17 @@ def tolerance(c, v):
     return base * max(1.0, v.double().abs().max().item())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        if not torch.cuda.is_available():
+            mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
 @settings(settings.get_profile(PROFILE))
 @given(cases())
 def test_every_backend_is_finite_and_agrees_with_the_reference(c):
-    if c["backend"] == "blocked_compiled" and not compiled.enabled():
-        c["backend"] = "blocked"
     q, k, v, mask, g = make_inputs(c)
     COUNTS["cases"] += 1
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -152,10 +158,8 @@ def test_every_backend_is_finite_and_agrees_with_the_reference(c):
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
     assert out.dtype == q.dtype and torch.isfinite(out).all(), "non-finite output"
-    # Known limit (follow-up): a zero q/k row's gradient in fp16 is upstream / 1e-3 (functional.norm_eps),
-    # and LSSAR's re-weighting (~p) can push it past 65504; all other fp16 gradients must be finite.
-    zero_rows_fp16 = c["dtype"] == torch.float16 and c["variant"] == "lssar" and c["degenerate"] in ("zero_q", "zero_k")
-    assert zero_rows_fp16 or all(torch.isfinite(x).all() for x in grads), "non-finite gradient"
+    # a zero fp16 q/k row's gradient (upstream / 1e-3, times LSSAR's ~p) saturates at 65504, never inf
+    assert all(torch.isfinite(x).all() for x in grads), "non-finite gradient"
 
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     # float16 normalises with a larger epsilon (functional.norm_eps): the reference uses the same
@@ -192,7 +196,7 @@ def report_counts():
     print(f"\nproperty counts ({PROFILE} profile): {COUNTS}")
 
 
-@pytest.mark.parametrize("backend", ["blocked", "blocked_compiled"])
+@pytest.mark.parametrize("backend", ["blocked", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_empty_rows_inside_a_strip_with_a_large_upstream_gradient(backend, dtype):
     """Found by the property test: rows without visible keys among visible ones made dv NaN

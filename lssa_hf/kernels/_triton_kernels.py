@@ -238,7 +238,7 @@ def _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, floor, LSSAR: tl.c
         u = tl.maximum((sp - m[:, None]) * inv_scale[:, None], 0.0)
         floor_u = (floor * m * inv_scale)[:, None]
         up = _pow(u, p)
-        bounded = tl.where(u > 0, up / tl.maximum(u, floor_u), 0.0)
+        bounded = tl.where(u > 0, up / tl.maximum(tl.maximum(u, floor_u), _TINY), 0.0)
         um1 = tl.where(fallback[:, None], 1.0, tl.where(floor_u > 0, bounded, _pow(u, p - 1.0)))
         w = tl.where(fallback[:, None], sp, tl.where(floor_u > 0, up, um1 * u))
     else:
