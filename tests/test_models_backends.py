@@ -7,7 +7,8 @@ logits and parameter gradients against the float64 reference under padding and s
 cached decoding and chunked prefill against the full forward; batched, differently left-padded
 ``generate()`` past the sliding window against each sequence alone; packed documents against each
 document alone. Flex runs on CPU only for causal LSSA inference; elsewhere a forced flex runs the
-compiled blocked kernel (``attention.lssa_attention``), which the spy accepts.
+native strips (``attention.lssa_attention``), which the spy accepts. Triton runs under its interpreter
+on CPU (TRITON_INTERPRET=1; slow, so only the default set's cases).
 """
 
 import pytest
@@ -16,17 +17,17 @@ from transformers import DynamicCache
 
 import lssa_hf
 from lssa_hf import attention
-from lssa_hf.kernels import blocked, compiled, flex
+from lssa_hf.kernels import blocked, flex, native, triton_lssa
 import test_models
 from test_reference_models import reference_model_logits
 from tiny_models import VOCAB, tiny_model
 
 ARCHS = ["llama", "mistral", "gemma3", "gpt2"]  # GQA; sliding window 5; mixed window-4 layers; MHA
-KERNELS = ["blocked", "blocked_compiled", "flex"]
+KERNELS = ["blocked", "native", "flex", "triton"]
 VARIANTS = [("lssa", 15.0), ("lssar", 15.0)]
 # Run by default (the rest is the slow sweep, `python -m pytest -m slow`): every architecture on the
-# eager kernel, the sliding-window ones on the compiled kernels (their first compile is the cost).
-FAST = {"blocked": ARCHS, "blocked_compiled": ["mistral", "gemma3"], "flex": ["llama", "mistral"]}
+# pure-torch and native strips, two on flex and the (interpreted, slow) triton kernels.
+FAST = {"blocked": ARCHS, "native": ARCHS, "flex": ["llama", "mistral"], "triton": ["mistral"]}
 COMBOS = [pytest.param((k, a, v), id=f"{k}-{a}-{v[0]}", marks=() if a in FAST[k] else pytest.mark.slow)
           for k in KERNELS for a in ARCHS for v in VARIANTS]
 
@@ -35,12 +36,17 @@ COMBOS = [pytest.param((k, a, v), id=f"{k}-{a}-{v[0]}", marks=() if a in FAST[k]
 def case(request, monkeypatch):
     """(kernel, arch, (variant, p)): force the kernel, with 4-row strips, and check which paths ran."""
     name, arch, variant_p = request.param
-    if name != "blocked" and not compiled.enabled():
-        pytest.skip("compilation disabled (LSSA_COMPILE=0)")
+    if name == "native" and not native.available():
+        pytest.skip(f"native strips unavailable: {native.unavailable_reason()} (tests/test_kernel_availability.py)")
+    if name == "triton":
+        if not triton_lssa.available():
+            pytest.skip("triton is not installed")
+        if not torch.cuda.is_available():
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(attention.BACKEND_ENV, name)
     monkeypatch.setattr(blocked, "MIN_BLOCK_Q", 4)
     monkeypatch.setattr(blocked, "DEFAULT_BUDGET", 1)
-    ran = {"materialized": 0, "blocked": 0, "blocked_compiled": 0, "flex": 0}
+    ran = {"materialized": 0, "blocked": 0, "native": 0, "flex": 0, "triton": 0}
 
     def spy(key, fn):
         def call(*args, **kwargs):
@@ -50,13 +56,16 @@ def case(request, monkeypatch):
 
     monkeypatch.setattr(attention, "_materialized", spy(lambda kw: "materialized", attention._materialized))
     monkeypatch.setattr(blocked, "blocked_attention",
-                        spy(lambda kw: "blocked" if kw.get("ops") is None else "blocked_compiled",
-                            blocked.blocked_attention))
+                        spy(lambda kw: "blocked" if kw["impl"] == "torch" else "native", blocked.blocked_attention))
     monkeypatch.setattr(flex, "run", spy(lambda kw: "flex", flex.run))
+    monkeypatch.setattr(triton_lssa, "triton_attention", spy(lambda kw: "triton", triton_lssa.triton_attention))
+    calls = native.calls.copy()
     yield name, arch, variant_p
     assert ran["materialized"] == 0, ran
-    allowed = {"flex": ("flex", "blocked_compiled")}.get(name, (name,))
+    allowed = {"flex": ("flex", "native")}.get(name, (name,))
     assert sum(ran[k] for k in allowed) > 0 and sum(ran.values()) == sum(ran[k] for k in allowed), ran
+    if name == "native":  # the C++ strips ran, not the pure-torch fallback inside the op
+        assert native.calls[native.isa()] > calls[native.isa()] and native.calls["torch"] == calls["torch"]
 
 
 def tokens(length, batch=1, seed=0):
@@ -83,9 +92,9 @@ def left_padded(lengths, seed=0):
 
 def test_logits_and_gradients_equal_the_float64_reference(case):
     """Left padding + sliding windows + 4-row strips, forward and backward, against float64 (the
-    compiled kernels in float32: float64 would compile a second set of graphs for the same check)."""
+    flex and triton kernels in float32, the precision they compute in)."""
     kernel, arch, (variant, p) = case
-    dtype = torch.float64 if kernel == "blocked" else torch.float32
+    dtype = torch.float64 if kernel in ("blocked", "native") else torch.float32
     model = patched(arch, variant, p, dtype)  # eval: no dropout (GPT-2 has some)
     ids, pad = left_padded([13, 9, 4])
     position_ids = (pad.cumsum(-1) - 1).clamp_min(0)
