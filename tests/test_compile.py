@@ -38,3 +38,20 @@ def test_compiled_patched_llama_equals_eager_without_recompiles(monkeypatch):
             torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-3, atol=1e-5, msg=name)
     ran = {k: native.calls[k] - before.get(k, 0) for k in native.calls}
     assert ran.get(native.isa() if native.available() else "torch", 0) > 0, ran  # the kernels ran
+
+
+def test_eager_kernel_calls_do_not_import_the_compiler():
+    """Eager calls bypass the custom-op dispatcher, whose first call imports torch._dynamo (1.5 s of
+    a fresh process's first call, #15); under torch.compile the ops are used (test above)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, lssa_hf\n"
+            "q = torch.randn(1, 4, 600, 32, requires_grad=True)\n"
+            "mask = torch.ones(600, 600, dtype=torch.bool).tril()\n"
+            "for m in (None, mask):\n"
+            "    lssa_hf.lssa_attention(q, q, q, m, variant='lssar', backend='native')[0].sum().backward()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "False"

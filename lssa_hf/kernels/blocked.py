@@ -349,6 +349,8 @@ def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p:
     ``native.py`` where they run: CPU, float32/float64). ``block_q`` fixes the strip height (default:
     sized to ``budget`` elements per strip); ``temperature`` (Hq values) multiplies each head's length
     scale, and autograd reaches it through the scaled query."""
+    from . import ops  # ops runs this module's strips
+
     b, hq, lq, d = query.shape
     lk = key.shape[2]
     if budget is None:
@@ -357,9 +359,8 @@ def blocked_attention(query, key, value, mask=None, *, variant: str = "lssa", p:
         n = visible_counts(None, lq, lk, query.device)
     else:
         mask = mask.to(query.device)
-        n = torch.ops.lssa_hf.visible_counts(mask, b, hq, lq, lk, block_q, budget)
+        n = ops.counts(mask, b, hq, lq, lk, block_q, budget)
     qs, k = scaled_unit_qk(query, key, n, temperature)
-    out, _ = torch.ops.lssa_hf.strips_fwd(qs.contiguous(), k.contiguous(), value.to(qs.dtype).contiguous(),
-                                          mask, n, variant, float(p), grad_floor(float(p), query.dtype),
-                                          block_q, budget, impl)
+    out = ops.strips(qs.contiguous(), k.contiguous(), value.to(qs.dtype).contiguous(), mask, n, variant,
+                     float(p), grad_floor(float(p), query.dtype), block_q, budget, impl)
     return out.to(query.dtype)

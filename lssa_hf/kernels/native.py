@@ -84,8 +84,11 @@ def _build_name(which: str) -> str:
 
 
 def build_dir(which: str) -> Path:
-    from torch.utils.cpp_extension import get_default_build_root
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    # torch.utils.cpp_extension.get_default_build_root(), without importing that module (and setuptools)
+    # on the path that only loads a built library
+    import torch._appdirs
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.realpath(
+        torch._appdirs.user_cache_dir(appname="torch_extensions"))
     return Path(root) / _build_name(which)
 
 
@@ -109,8 +112,7 @@ def module(which: str | None = None):
 def _load(which: str):
     name = _build_name(which)
     folder = build_dir(which)
-    from torch.utils.cpp_extension import LIB_EXT
-    built = folder / f"{name}{LIB_EXT}"
+    built = folder / f"{name}.so"  # cpp_extension's LIB_EXT on Linux, the only platform built for
     if built.exists():  # built before on this machine: import it (no ninja, no compiler run)
         spec = importlib.util.spec_from_file_location(name, built)
         mod = importlib.util.module_from_spec(spec)

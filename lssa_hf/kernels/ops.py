@@ -9,6 +9,10 @@ float32/float64) or in pure torch (``blocked.py``, any device).
 ``impl`` (a string argument, so it is part of the traced call): "native" runs the C++ strips where
 they run and the pure-torch ones elsewhere (including when the build is unavailable: logged once);
 "torch" always runs the pure-torch ones. ``native.calls`` counts which one ran.
+
+Eager calls (not under ``torch.compile``) skip the dispatcher: ``strips`` runs the same functions
+through a plain ``autograd.Function``. The custom-op machinery imports ``torch._dynamo`` on its first
+call (1.5 s), which a process that never compiles should not pay.
 """
 
 from __future__ import annotations
@@ -46,12 +50,14 @@ def _plan_tensor(plan):
     return torch.tensor(plan, dtype=torch.long).view(-1, 5)
 
 
-@torch.library.custom_op("lssa_hf::visible_counts", mutates_args=())
-def visible_counts(mask: Tensor, b: int, hq: int, lq: int, lk: int, block_q: int | None, budget: int) -> Tensor:
+def _visible_counts(mask: Tensor, b: int, hq: int, lq: int, lk: int, block_q: int | None, budget: int) -> Tensor:
     """N_i (int32, (Bm, Hm, Lq)) of a bool mask; cached with the plan for the very same mask."""
     mask4 = as_4d(mask, lq, lk)
     n, _ = blocked._cached_plan(mask, mask4, b, hq, lq, lk, block_q, budget, mask.device)
     return n.to(torch.int32, copy=True)
+
+
+visible_counts = torch.library.custom_op("lssa_hf::visible_counts", _visible_counts, mutates_args=())
 
 
 @visible_counts.register_fake
@@ -62,8 +68,7 @@ def _(mask, b, hq, lq, lk, block_q, budget):
     return mask.new_empty((bm, hm, lq), dtype=torch.int32)
 
 
-@torch.library.custom_op("lssa_hf::strips_fwd", mutates_args=())
-def strips_fwd(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n: Tensor, variant: str, p: float,
+def _strips_fwd(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n: Tensor, variant: str, p: float,
                floor: float, block_q: int | None, budget: int, impl: str) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Lq, Dv), row statistics for backward) of LSSA/LSSAR on scaled unit q and unit k;
     ``floor`` (``functional.grad_floor``, 0 = exact) bounds the re-weighting gradient in backward."""
@@ -79,6 +84,9 @@ def strips_fwd(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n: Tensor,
     return out, stats
 
 
+strips_fwd = torch.library.custom_op("lssa_hf::strips_fwd", _strips_fwd, mutates_args=())
+
+
 @strips_fwd.register_fake
 def _(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl):
     b, hq, lq, _ = qs.shape
@@ -87,8 +95,7 @@ def _(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl):
     return qs.new_empty((b, hq, lq, v.shape[-1])), qs.new_empty((nstat, b, hkv, hq // hkv, lq))
 
 
-@torch.library.custom_op("lssa_hf::strips_bwd", mutates_args=())
-def strips_bwd(dout: Tensor, qs: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, mask: Tensor | None,
+def _strips_bwd(dout: Tensor, qs: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, mask: Tensor | None,
                n: Tensor, variant: str, p: float, floor: float, block_q: int | None, budget: int,
                impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dqs, dk, dv) of ``strips_fwd``, recomputing each strip."""
@@ -103,6 +110,9 @@ def strips_bwd(dout: Tensor, qs: Tensor, k: Tensor, v: Tensor, out: Tensor, stat
     dq, dk, dv = mod.backward(dout, qs, k, v, out, stats, mask4, alpha, _plan_tensor(plan), variant == "lssar", p,
                               floor)
     return dq, dk, dv
+
+
+strips_bwd = torch.library.custom_op("lssa_hf::strips_bwd", _strips_bwd, mutates_args=())
 
 
 @strips_bwd.register_fake
@@ -123,3 +133,35 @@ def _backward(ctx, dout, _dstats):
 
 
 torch.library.register_autograd("lssa_hf::strips_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerStrips(torch.autograd.Function):
+    """``strips_fwd`` / ``strips_bwd`` without the dispatcher (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, qs, k, v, mask, n, variant, p, floor, block_q, budget, impl):
+        out, stats = _strips_fwd(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl)
+        ctx.save_for_backward(qs, k, v, out, stats, n, *([] if mask is None else [mask]))
+        ctx.args = (variant, p, floor, block_q, budget, impl)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qs, k, v, out, stats, n, *mask = ctx.saved_tensors
+        dq, dk, dv = _strips_bwd(dout, qs, k, v, out, stats, mask[0] if mask else None, n, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def counts(mask: Tensor, b: int, hq: int, lq: int, lk: int, block_q: int | None, budget: int) -> Tensor:
+    """N_i of a bool mask: the custom op under torch.compile, the function itself in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lssa_hf.visible_counts(mask, b, hq, lq, lk, block_q, budget)
+    return _visible_counts(mask, b, hq, lq, lk, block_q, budget)
+
+
+def strips(qs, k, v, mask, n, variant: str, p: float, floor: float, block_q, budget: int, impl: str) -> Tensor:
+    """LSSA/LSSAR output of the strip kernels (differentiable): the custom op under torch.compile,
+    ``_EagerStrips`` in eager mode (same functions, same results)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lssa_hf.strips_fwd(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl)[0]
+    return _EagerStrips.apply(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl)
