@@ -64,6 +64,20 @@ def test_every_kernel_case_under_each_isa(isa, variant, dtype):
     assert native.calls[isa] - before == 2 * len(CASES)  # forward and backward, natively
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lssa_forward_key_tiles_under_each_isa(isa, dtype, monkeypatch):
+    """LSSA's forward cuts wide strips into key tiles (S and sum sp v accumulate): tiles of 5-9 keys
+    here, so every kernel case (causal cuts, masks, windows, packing, GQA, decode) crosses tiles."""
+    monkeypatch.setattr(native, "TILE_ELEMS", 40)
+    monkeypatch.setattr(native, "MIN_TILE", 5)
+    tol = 1e-9 if dtype == torch.float64 else _fp32_tol("lssa", 15.0)
+    for b, hq, hkv, lq, lk, kind in CASES:
+        q, k, v = _inputs(b, hq, hkv, lq, lk, 16, dtype)
+        mask = _masks(kind, b, lq, lk)
+        _check(lambda a, b_, c: blocked_attention(a, b_, c, mask, variant="lssa", block_q=7, impl="native"),
+               q, k, v, mask, "lssa", 15.0, tol)
+
+
 def test_temperature_and_long_rows_under_each_isa(isa):
     q, k, v = _inputs(2, 4, 2, 45, 45, 16)
     tau = torch.tensor([0.5, 1.0, 2.0, 3.5], dtype=torch.float64, requires_grad=True)

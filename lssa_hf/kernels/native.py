@@ -42,6 +42,11 @@ ISA_FLAGS = {
 }
 FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]  # OpenMP: at::parallel_for runs in threads
 
+# LSSA forward: strips wider than this many scores are cut into key tiles of TILE_ELEMS / rows keys
+# (at least MIN_TILE): 4 MiB of fp32 scores, about one L2 per thread (0 = never tile)
+TILE_ELEMS = 1 << 20
+MIN_TILE = 256
+
 _modules: dict = {}
 _unavailable: dict = {}  # isa -> reason
 calls: collections.Counter = collections.Counter()  # strip passes run, by implementation ("avx2", "torch")

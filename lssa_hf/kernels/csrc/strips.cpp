@@ -294,11 +294,50 @@ at::Tensor rows_of(const at::Tensor& t, const Strip& st) {  // (B, Hkv, G, Lq) -
   return t.slice(3, st.q0, st.q1).reshape({st.b, st.hkv, st.g * st.bq(), 1});
 }
 
+// LSSA needs no running max (softplus weights add up), so a wide strip is cut into key tiles of
+// about tile_elems scores (native.TILE_ELEMS) that stay in cache: S and sum_j sp_j v_j accumulate
+// over the tiles. (LSSAR needs each row's mean and max before any weight: it keeps whole strips.)
+template <typename T>
+void lssa_forward_tiled(const Strip& st, const at::Tensor& qs5, const at::Tensor& k, const at::Tensor& v,
+                        at::Tensor& work, T* stp, T* op, T tiny, int64_t tile_w) {
+  const int64_t b = st.b, hkv = st.hkv, rows = st.rows(), d = qs5.size(4), dv = v.size(3);
+  const auto qb = qs5.slice(3, st.q0, st.q1).reshape({b, hkv, st.g * st.bq(), d});
+  auto acc = at::zeros({b, hkv, st.g * st.bq(), dv}, qs5.options());
+  std::vector<T> total(rows, T(0));
+  for (int64_t t0 = st.k0; t0 < st.k1; t0 += tile_w) {
+    Strip tile = st;
+    tile.k0 = t0, tile.k1 = std::min(st.k1, t0 + tile_w);
+    const int64_t w = tile.width();
+    auto s = work.narrow(0, 0, rows * w).view({b, hkv, st.g * st.bq(), w});
+    at::matmul_out(s, qb, k.slice(2, tile.k0, tile.k1).transpose(-1, -2));
+    T* sp = s.data_ptr<T>();
+    at::parallel_for(0, rows, grain(w), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* x = sp + r * w;
+        const int64_t vis = tile.visible(r);
+        tile.apply_mask(r, x, vis);
+        zero_tail(x, vis, w);
+        total[r] += fwd_lssa_row(x, vis);
+      }
+    });
+    acc.flatten(0, 1).baddbmm_(s.flatten(0, 1), v.slice(2, tile.k0, tile.k1).flatten(0, 1));
+  }
+  const T* arow = acc.data_ptr<T>();
+  at::parallel_for(0, rows, grain(dv), [&](int64_t r0, int64_t r1) {  // out = sum sp v / S
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t gr = st.global(r);
+      stp[gr] = total[r];
+      scale_row(op + gr * dv, arow + r * dv, dv, T(1) / std::max(total[r], tiny), false);
+    }
+  });
+}
+
 // Forward strip loop. Returns out (B, Hq, Lq, Dv) and stats (nstat, B, Hkv, G, Lq):
 // LSSA: S. LSSAR: W, m, 1/scale, fallback.
 std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& mask, const at::Tensor& alpha,
-                                const at::Tensor& tie, const at::Tensor& plan, bool lssar, double p) {
+                                const at::Tensor& tie, const at::Tensor& plan, bool lssar, double p,
+                                int64_t tile_elems, int64_t min_tile) {
   check_inputs(qs, k, v, mask, plan);
   const int64_t b = qs.size(0), hq = qs.size(1), lq = qs.size(2), d = qs.size(3);
   const int64_t hkv = k.size(1), dv = v.size(3), g = hq / hkv;
@@ -320,6 +359,11 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
       const int64_t w = st.width();
+      const int64_t tile_w = std::max<int64_t>(min_tile, tile_elems / st.rows());
+      if (!lssar && tile_elems > 0 && w > tile_w) {
+        lssa_forward_tiled(st, qs5, k, v, work, stp, op, (scalar_t)tiny, tile_w);
+        continue;
+      }
       auto s = work.narrow(0, 0, st.rows() * w).view({b, hkv, g * st.bq(), w});
       at::matmul_out(s, qs5.slice(3, st.q0, st.q1).reshape({b, hkv, g * st.bq(), d}),
                      k.slice(2, st.k0, st.k1).transpose(-1, -2));
