@@ -81,6 +81,24 @@ def test_rounding_of_tied_rows_stays_well_inside_the_tolerance(d, n):
     assert (t[rows] <= tie_tolerance(cnt, torch.float32)[rows] / 4).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rounding_level_mass_is_no_mass_on_every_backend(backend):
+    """Keys equal up to one fp32 ulp: max N*A - 1 is rounding-sized (below the tolerance), so every
+    LSSAR row takes the LSSA fallback on every backend; treating that mass as real would re-weight
+    towards whichever keys rounded up (an O(|v|) change)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 40, 32, generator=g) * 5
+    k = torch.randn(1, 2, 1, 32, generator=g) * (1 + 2e-7 * torch.randn(1, 2, 40, 32, generator=g))
+    v = torch.randn(1, 2, 40, 32, generator=g)
+    t = (lambda sp, n, vis: (n * sp / sp.sum(-1, keepdim=True) - 1).where(vis & (n > 3), 0.0))(
+        *softplus_scores(q.double(), k.double(), causal_mask(40, 40)))
+    assert 0 < t.max().item() < tie_tolerance(torch.tensor(4.0), torch.float32).item()  # rounding-sized mass
+    with torch.no_grad():
+        lssar = lssa_attention(q, k, v, variant="lssar", p=15.0, backend=backend)[0]
+        lssa = lssa_attention(q, k, v, variant="lssa", backend=backend)[0]
+    assert (lssar - lssa).abs().max().item() < 1e-5
+
+
 def test_the_tolerance_keeps_real_mass():
     """float64 rows whose mass is 1e-7 (far above float64 rounding) still re-weight, exactly."""
     g = torch.Generator().manual_seed(0)
