@@ -250,6 +250,7 @@ def update_settings(model, **changes) -> LSSAConfig:
     if fixed:
         raise ValueError(f"{sorted(fixed)} change the model's modules or implementation: use lssa_hf.patch.")
     settings = dataclasses.replace(current, **changes)
+    check_layers(model_, settings.softmax_layers)
     _set_settings(model_, settings)
     return settings
 

@@ -46,3 +46,16 @@ def test_hybrid_survives_save_and_load_and_cached_decoding(tmp_path):
 def test_bad_softmax_layers_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         lssa_hf.patch(tiny_model("llama"), variant="lssar", softmax_layers=bad)
+
+
+def test_update_settings_checks_softmax_layers_and_applies_them():
+    model = lssa_hf.patch(tiny_model("llama"), variant="lssar")
+    with pytest.raises(ValueError, match="not layers of"):
+        lssa_hf.update_settings(model, softmax_layers=[5])
+    assert lssa_hf.settings_of(model).softmax_layers == ()  # unchanged after the refusal
+    x = torch.randint(3, 50, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x).logits
+        lssa_hf.update_settings(model, softmax_layers=[0])
+        assert lssa_hf.settings_of(model).softmax_layers == (0,)
+        assert not torch.allclose(model(x).logits, before)
