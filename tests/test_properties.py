@@ -173,7 +173,10 @@ def test_every_backend_is_finite_and_agrees_with_the_reference(c):
     COUNTS["rows_finite_only"] += int((~rows).sum())
     # a zero row's gradient is its unit vector's gradient / eps (1e-6): it multiplies the kernel's
     # rounding (fp32 ~1e-7) by 1e6, so zero-row gradients are compared in float64 only
-    zero_rows = c["degenerate"] in ("zero_q", "zero_k") and c["dtype"] != torch.float64
+    # fp16 rows scaled by 1e-4 have norms below fp16's normalisation eps (1e-3): they are zero rows
+    # there (found by the long profile: dq 6e4 vs 6e4 +- 2.5e4 at p = 1)
+    zero_rows = (c["degenerate"] in ("zero_q", "zero_k") and c["dtype"] != torch.float64) or (
+        c["degenerate"] == "tiny" and c["dtype"] == torch.float16)
     if grads_ok and not zero_rows:
         ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
         for name, x, y in zip("qkv", grads, ref_grads):
