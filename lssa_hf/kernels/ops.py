@@ -127,9 +127,9 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (variant, p, floor, block_q, budget, impl)
 
 
-def _backward(ctx, dout, _dstats):
+def _backward(ctx, dout, _dstats, bwd=None):
     qs, k, v, out, stats, n, *mask = ctx.saved_tensors
-    dq, dk, dv = strips_bwd(dout, qs, k, v, out, stats, mask[0] if mask else None, n, *ctx.args)
+    dq, dk, dv = (bwd or strips_bwd)(dout, qs, k, v, out, stats, mask[0] if mask else None, n, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -140,17 +140,14 @@ class _EagerStrips(torch.autograd.Function):
     """``strips_fwd`` / ``strips_bwd`` without the dispatcher (eager mode)."""
 
     @staticmethod
-    def forward(ctx, qs, k, v, mask, n, variant, p, floor, block_q, budget, impl):
-        out, stats = _strips_fwd(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl)
-        ctx.save_for_backward(qs, k, v, out, stats, n, *([] if mask is None else [mask]))
-        ctx.args = (variant, p, floor, block_q, budget, impl)
+    def forward(ctx, *inputs):
+        out, stats = _strips_fwd(*inputs)
+        _setup_context(ctx, inputs, (out, stats))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qs, k, v, out, stats, n, *mask = ctx.saved_tensors
-        dq, dk, dv = _strips_bwd(dout, qs, k, v, out, stats, mask[0] if mask else None, n, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return _backward(ctx, dout, None, bwd=_strips_bwd)
 
 
 def counts(mask: Tensor, b: int, hq: int, lq: int, lk: int, block_q: int | None, budget: int) -> Tensor:
