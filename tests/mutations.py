@@ -46,7 +46,7 @@ MUTATIONS = [  # (name, file, text, replacement, tests that must fail)
     ("native: no half-precision gradient bound", "lssa_hf/kernels/csrc/strips.cpp", "if (floor_u > T(0)) {",
      "if (false) {", "tests/test_ties.py"),
     ("native LSSA key tiles: S overwritten per tile", "lssa_hf/kernels/csrc/strips.cpp",
-     "total[r] += fwd_lssa_row(x, vis);", "total[r] = fwd_lssa_row(x, vis);", "tests/test_native.py -k key_tiles"),
+     "total[i] += fwd_lssa_row(x, vis);", "total[i] = fwd_lssa_row(x, vis);", "tests/test_native.py -k key_tiles"),
 ]
 
 

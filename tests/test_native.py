@@ -66,10 +66,16 @@ def test_every_kernel_case_under_each_isa(isa, variant, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_lssa_forward_key_tiles_under_each_isa(isa, dtype, monkeypatch):
-    """LSSA's forward cuts wide strips into key tiles (S and sum sp v accumulate): tiles of 5-9 keys
-    here, so every kernel case (causal cuts, masks, windows, packing, GQA, decode) crosses tiles."""
-    monkeypatch.setattr(native, "TILE_ELEMS", 40)
-    monkeypatch.setattr(native, "MIN_TILE", 5)
+    """LSSA's fused forward walks query blocks and key tiles (S and sum sp v accumulate): blocks of 3
+    rows and tiles of 5 keys here, so every kernel case (causal cuts, masks, windows, packing, GQA,
+    decode) crosses both; and the strip path (K_BLOCK = 0) is exact too."""
+    for q_block, k_block in ((3, 5), (1, 1), (64, 0)):
+        monkeypatch.setattr(native, "Q_BLOCK", q_block)
+        monkeypatch.setattr(native, "K_BLOCK", k_block)
+        _check_lssa_cases(dtype)
+
+
+def _check_lssa_cases(dtype):
     tol = 1e-9 if dtype == torch.float64 else _fp32_tol("lssa", 15.0)
     for b, hq, hkv, lq, lk, kind in CASES:
         q, k, v = _inputs(b, hq, hkv, lq, lk, 16, dtype)

@@ -80,7 +80,9 @@ def train_row(table: TableConfig, row: dict) -> tuple[Path, dict]:
     runs = []
     for config in row_configs(table, row):
         done = Path(config.output_dir) / RESULT
-        result = json.loads(done.read_text()) if done.exists() else finetune(config)
+        weights = Path(config.output_dir) / "adapter" / "adapter_model.safetensors"
+        # a record without its weights (a cache restored without them) trains again
+        result = json.loads(done.read_text()) if done.exists() and weights.exists() else finetune(config)
         runs.append((Path(config.output_dir), result))
     return min(runs, key=lambda run: run[1]["eval_loss"])
 

@@ -42,11 +42,10 @@ ISA_FLAGS = {
 }
 FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]  # OpenMP: at::parallel_for runs in threads
 
-# LSSA forward: strips wider than this many scores are cut into key tiles of TILE_ELEMS / rows keys
-# (at least MIN_TILE; 0 = never tile). 256K fp32 scores (1 MiB) measured fastest among 64K-2M: LSSA
-# forward / SDPA at 8K and 16K (2 threads, AVX-512) 1.28 / 1.40 against 1.39 / 1.51 untiled
-TILE_ELEMS = 1 << 18
-MIN_TILE = 256
+# LSSA forward, fused (flash style): each task is Q_BLOCK query rows of one head, its keys walked in
+# tiles of K_BLOCK whose scores stay in cache (K_BLOCK = 0: the strip path, as LSSAR). Tuned below.
+Q_BLOCK = 128
+K_BLOCK = 512
 
 _modules: dict = {}
 _unavailable: dict = {}  # isa -> reason

@@ -81,7 +81,7 @@ def _strips_fwd(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n: Tensor
     alpha = blocked.alpha_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
     tie = blocked.tie_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
     out, stats = mod.forward(qs, k, v, mask4, alpha, tie, _plan_tensor(plan), variant == "lssar", p,
-                             native.TILE_ELEMS, native.MIN_TILE)
+                             native.Q_BLOCK, native.K_BLOCK)
     return out, stats
 
 

@@ -16,6 +16,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <limits>
 #include <vector>
@@ -128,12 +130,21 @@ struct Strip {
   }
   template <typename T>
   void apply_mask(int64_t r, T* x, int64_t w) const {  // explicit mask: hidden scores -> -inf
-    if (mask == nullptr) return;
     const int64_t bh = r / (g * bq()), rem = r % (g * bq());
-    const int64_t bi = bh / hkv, h = (bh % hkv) * g + rem / bq(), qi = q0 + rem % bq();
-    const bool* m = mask + bi * ms0 + h * ms1 + qi * ms2 + k0;
+    apply_mask_at(bh * g + rem / bq(), q0 + rem % bq(), k0, x, w);
+  }
+  // the same for query row qi of (batch, query head) bhg = (b * hkv + h) * g + gi, keys from kfrom
+  template <typename T>
+  void apply_mask_at(int64_t bhg, int64_t qi, int64_t kfrom, T* x, int64_t w) const {
+    if (mask == nullptr) return;
+    const bool* m = mask + (bhg / (hkv * g)) * ms0 + (bhg % (hkv * g)) * ms1 + qi * ms2 + kfrom;
     const T ninf = -std::numeric_limits<T>::infinity();
     for (int64_t j = 0; j < w; ++j) x[j] = m[j] ? x[j] : ninf;
+  }
+  // keys [kfrom, kfrom + w) that strip row i (of bq) sees before the causal cut
+  int64_t visible_at(int64_t i, int64_t kfrom, int64_t w) const {
+    if (!causal_cut) return w;
+    return std::clamp<int64_t>(lk - lq + q0 + i + 1 - kfrom, 0, w);
   }
 };
 
@@ -294,40 +305,87 @@ at::Tensor rows_of(const at::Tensor& t, const Strip& st) {  // (B, Hkv, G, Lq) -
   return t.slice(3, st.q0, st.q1).reshape({st.b, st.hkv, st.g * st.bq(), 1});
 }
 
-// LSSA needs no running max (softplus weights add up), so a wide strip is cut into key tiles of
-// about tile_elems scores (native.TILE_ELEMS) that stay in cache: S and sum_j sp_j v_j accumulate
-// over the tiles. (LSSAR needs each row's mean and max before any weight: it keeps whole strips.)
-template <typename T>
-void lssa_forward_tiled(const Strip& st, const at::Tensor& qs5, const at::Tensor& k, const at::Tensor& v,
-                        at::Tensor& work, T* stp, T* op, T tiny, int64_t tile_w) {
-  const int64_t b = st.b, hkv = st.hkv, rows = st.rows(), d = qs5.size(4), dv = v.size(3);
-  const auto qb = qs5.slice(3, st.q0, st.q1).reshape({b, hkv, st.g * st.bq(), d});
-  auto acc = at::zeros({b, hkv, st.g * st.bq(), dv}, qs5.options());
-  std::vector<T> total(rows, T(0));
-  for (int64_t t0 = st.k0; t0 < st.k1; t0 += tile_w) {
-    Strip tile = st;
-    tile.k0 = t0, tile.k1 = std::min(st.k1, t0 + tile_w);
-    const int64_t w = tile.width();
-    auto s = work.narrow(0, 0, rows * w).view({b, hkv, st.g * st.bq(), w});
-    at::matmul_out(s, qb, k.slice(2, tile.k0, tile.k1).transpose(-1, -2));
-    T* sp = s.data_ptr<T>();
-    at::parallel_for(0, rows, grain(w), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        T* x = sp + r * w;
-        const int64_t vis = tile.visible(r);
-        tile.apply_mask(r, x, vis);
-        zero_tail(x, vis, w);
-        total[r] += fwd_lssa_row(x, vis);
-      }
-    });
-    acc.flatten(0, 1).baddbmm_(s.flatten(0, 1), v.slice(2, tile.k0, tile.k1).flatten(0, 1));
+// Row-major C (m x n, ldc) = beta C + A (m x k, lda) B^T (B: n x k) if trans_b, else A B (B: k x n),
+// single-threaded (called inside at::parallel_for). The BLAS torch links (MKL, OpenBLAS: Fortran
+// sgemm_ / dgemm_) where its symbol is found, as ATen's own CPU flash attention does; else ATen's mm.
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+                          const float*, const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*,
+                          const double*, const int*, const double*, const int*, const double*, double*,
+                          const int*);
+
+void* blas_symbol(const char* name) {
+  void* f = dlsym(RTLD_DEFAULT, name);
+  if (f == nullptr) {  // torch's libraries are loaded RTLD_LOCAL: ask libtorch_cpu itself
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) f = dlsym(lib, name);
   }
-  const T* arow = acc.data_ptr<T>();
-  at::parallel_for(0, rows, grain(dv), [&](int64_t r0, int64_t r1) {  // out = sum sp v / S
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t gr = st.global(r);
-      stp[gr] = total[r];
-      scale_row(op + gr * dv, arow + r * dv, dv, T(1) / std::max(total[r], tiny), false);
+  return f;
+}
+template <typename T> struct Blas;
+template <> struct Blas<float> {
+  static sgemm_fn fn() { static const auto f = (sgemm_fn)blas_symbol("sgemm_"); return f; }
+};
+template <> struct Blas<double> {
+  static dgemm_fn fn() { static const auto f = (dgemm_fn)blas_symbol("dgemm_"); return f; }
+};
+
+bool have_blas() { return Blas<float>::fn() != nullptr && Blas<double>::fn() != nullptr; }
+
+template <typename T>
+void gemm_rm(bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+             T beta, T* c, int64_t ldc) {
+  if (auto f = Blas<T>::fn()) {  // column-major: C^T = op(B)^T A^T
+    const int M = (int)n, N = (int)m, K = (int)k, LDA = (int)ldb, LDB = (int)lda, LDC = (int)ldc;
+    const T one(1);
+    f(trans_b ? "T" : "N", "N", &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto A = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opt);
+  const auto B = trans_b ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opt).t()
+                         : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opt);
+  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opt);
+  if (beta == T(0)) at::mm_out(C, A, B);
+  else C.addmm_(A, B, beta);
+}
+
+// LSSA forward of one strip, flash style: LSSA needs no running max (softplus weights add up), so
+// each task (a query head's block of q_block rows) walks its keys in tiles of k_block: S tile =
+// q k^T (a q_block x k_block buffer that stays in cache), softplus in place, acc += S_tile v; then
+// out = acc / S. Key tiles past the block's causal cut are skipped.
+template <typename T>
+void lssa_forward_fused(const Strip& st, const T* qp, const T* kp, const T* vp, int64_t d, int64_t dv,
+                        T* stp, T* op, T tiny, int64_t q_block, int64_t k_block) {
+  const int64_t bq = st.bq(), qb = std::min(q_block, bq), kb = std::min(k_block, st.width());
+  const int64_t nqb = (bq + qb - 1) / qb, heads = st.b * st.hkv * st.g;
+  at::parallel_for(0, heads * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> s(qb * kb), acc(qb * dv), total(qb);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bhg = t / nqb, r0 = (t % nqb) * qb, rn = std::min(qb, bq - r0), bh = bhg / st.g;
+      const T* q = qp + (bhg * st.lq + st.q0 + r0) * d;
+      const T* kk = kp + bh * st.lk * d;
+      const T* vv = vp + bh * st.lk * dv;
+      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(total.begin(), total.end(), T(0));
+      // the last row of the block sees the most keys
+      const int64_t kend = st.k0 + st.visible_at(r0 + rn - 1, st.k0, st.width());
+      for (int64_t k0 = st.k0; k0 < kend; k0 += kb) {
+        const int64_t w = std::min(kb, kend - k0);
+        gemm_rm<T>(true, rn, w, d, q, d, kk + k0 * d, d, T(0), s.data(), w);
+        for (int64_t i = 0; i < rn; ++i) {
+          T* x = s.data() + i * w;
+          const int64_t vis = st.visible_at(r0 + i, k0, w);
+          st.apply_mask_at(bhg, st.q0 + r0 + i, k0, x, vis);
+          zero_tail(x, vis, w);
+          total[i] += fwd_lssa_row(x, vis);
+        }
+        gemm_rm<T>(false, rn, dv, w, s.data(), w, vv + k0 * dv, dv, T(1), acc.data(), dv);
+      }
+      for (int64_t i = 0; i < rn; ++i) {
+        const int64_t gr = bhg * st.lq + st.q0 + r0 + i;
+        stp[gr] = total[i];
+        scale_row(op + gr * dv, acc.data() + i * dv, dv, T(1) / std::max(total[i], tiny), false);
+      }
     }
   });
 }
@@ -337,7 +395,7 @@ void lssa_forward_tiled(const Strip& st, const at::Tensor& qs5, const at::Tensor
 std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& mask, const at::Tensor& alpha,
                                 const at::Tensor& tie, const at::Tensor& plan, bool lssar, double p,
-                                int64_t tile_elems, int64_t min_tile) {
+                                int64_t q_block, int64_t k_block) {
   check_inputs(qs, k, v, mask, plan);
   const int64_t b = qs.size(0), hq = qs.size(1), lq = qs.size(2), d = qs.size(3);
   const int64_t hkv = k.size(1), dv = v.size(3), g = hq / hkv;
@@ -347,7 +405,8 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
   if (lssar) stats.slice(0, 2, 4).fill_(1.0);  // rows outside the plan: fallback rows, scale 1
   const int64_t nplan = plan.size(0), plane = b * hkv * g * lq;
   const int64_t* pl = plan.data_ptr<int64_t>();
-  auto work = at::empty({b * hq * extent(plan).first}, qs.options());
+  const bool fused = !lssar && k_block > 0;  // LSSA's fused forward needs no strip buffer
+  auto work = at::empty({fused ? 0 : b * hq * extent(plan).first}, qs.options());
   const double tiny = qs.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
                                                       : std::numeric_limits<double>::min();
   AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "lssa_strips_forward", [&] {
@@ -359,9 +418,9 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
       const int64_t w = st.width();
-      const int64_t tile_w = std::max<int64_t>(min_tile, tile_elems / st.rows());
-      if (!lssar && tile_elems > 0 && w > tile_w) {
-        lssa_forward_tiled(st, qs5, k, v, work, stp, op, (scalar_t)tiny, tile_w);
+      if (fused) {
+        lssa_forward_fused(st, qs.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), d, dv,
+                           stp, op, (scalar_t)tiny, q_block, k_block);
         continue;
       }
       auto s = work.narrow(0, 0, st.rows() * w).view({b, hkv, g * st.bq(), w});
@@ -480,5 +539,6 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "LSSA/LSSAR forward strip loop: (out, stats)");
   m.def("backward", &backward, "LSSA/LSSAR backward strip loop: (dqs, dk, dv)");
+  m.def("blas", [] { return have_blas(); }, "whether tile GEMMs call BLAS directly (else ATen's mm)");
   m.def("vector_width", [] { return (int64_t)Vectorized<float>::size(); }, "float lanes of this build");
 }
