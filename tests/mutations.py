@@ -46,7 +46,10 @@ MUTATIONS = [  # (name, file, text, replacement, tests that must fail)
     ("native: no half-precision gradient bound", "lssa_hf/kernels/csrc/strips.cpp", "if (floor_u > T(0)) {",
      "if (false) {", "tests/test_ties.py"),
     ("native LSSA key tiles: S overwritten per tile", "lssa_hf/kernels/csrc/strips.cpp",
-     "total[i] += fwd_lssa_row(x, vis);", "total[i] = fwd_lssa_row(x, vis);", "tests/test_native.py -k key_tiles"),
+     "total[i] += fwd_lssa_row(x, vis);", "total[i] = fwd_lssa_row(x, vis);", "tests/test_native.py -k fused_key_tiles"),
+    ("native LSSA fused backward: dk overwritten per query block", "lssa_hf/kernels/csrc/strips.cpp",
+     "qc.data(), d, T(1), dk + k0 * d, d);", "qc.data(), d, T(0), dk + k0 * d, d);",
+     "tests/test_native.py -k fused_key_tiles"),
 ]
 
 

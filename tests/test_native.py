@@ -65,23 +65,28 @@ def test_every_kernel_case_under_each_isa(isa, variant, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_lssa_forward_key_tiles_under_each_isa(isa, dtype, monkeypatch):
-    """LSSA's fused forward walks query blocks and key tiles (S and sum sp v accumulate): blocks of 3
-    rows and tiles of 5 keys here, so every kernel case (causal cuts, masks, windows, packing, GQA,
-    decode) crosses both; and the strip path (K_BLOCK = 0) is exact too."""
-    for q_block, k_block in ((3, 5), (1, 1), (64, 0)):
-        monkeypatch.setattr(native, "Q_BLOCK", q_block)
-        monkeypatch.setattr(native, "K_BLOCK", k_block)
-        _check_lssa_cases(dtype)
+def test_fused_key_tiles_under_each_isa(isa, dtype, monkeypatch):
+    """LSSA's fused forward and backward walk query blocks and key tiles (S, sum sp v, dq, dk, dv
+    accumulate): blocks of 3 rows and tiles of 5 keys here, so every kernel case (causal cuts,
+    masks, windows, packing, GQA, decode) crosses both; and the strip path (K_BLOCK = 0) is exact too."""
+    threads = torch.get_num_threads()
+    try:  # one thread: the fused backward takes every case (it needs a (batch, KV head) per thread)
+        for n_threads, q_block, k_block in ((1, 3, 5), (threads, 3, 5), (1, 1, 1), (threads, 64, 0)):
+            torch.set_num_threads(n_threads)
+            monkeypatch.setattr(native, "Q_BLOCK", q_block)
+            monkeypatch.setattr(native, "K_BLOCK", k_block)
+            _check_cases("lssa", dtype)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _check_lssa_cases(dtype):
-    tol = 1e-9 if dtype == torch.float64 else _fp32_tol("lssa", 15.0)
+def _check_cases(variant, dtype):
+    tol = 1e-9 if dtype == torch.float64 else _fp32_tol(variant, 15.0)
     for b, hq, hkv, lq, lk, kind in CASES:
         q, k, v = _inputs(b, hq, hkv, lq, lk, 16, dtype)
         mask = _masks(kind, b, lq, lk)
-        _check(lambda a, b_, c: blocked_attention(a, b_, c, mask, variant="lssa", block_q=7, impl="native"),
-               q, k, v, mask, "lssa", 15.0, tol)
+        _check(lambda a, b_, c: blocked_attention(a, b_, c, mask, variant=variant, block_q=7, impl="native"),
+               q, k, v, mask, variant, 15.0, tol)
 
 
 def test_temperature_and_long_rows_under_each_isa(isa):

@@ -42,8 +42,10 @@ ISA_FLAGS = {
 }
 FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden"]  # OpenMP: at::parallel_for runs in threads
 
-# LSSA forward, fused (flash style): each task is Q_BLOCK query rows of one head, its keys walked in
-# tiles of K_BLOCK whose scores stay in cache (K_BLOCK = 0: the strip path, as LSSAR). Tuned below.
+# LSSA forward and backward, fused (flash style): query blocks of Q_BLOCK rows walk their keys in
+# tiles of K_BLOCK whose scores stay in cache (K_BLOCK = 0: the strip path, as LSSAR's). Forward
+# tasks are (query head, block), backward tasks (batch, KV head): with fewer of those than threads
+# the backward keeps the strip path. Measured in docs/kernels.md.
 Q_BLOCK = 128
 K_BLOCK = 512
 

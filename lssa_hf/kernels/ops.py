@@ -109,7 +109,7 @@ def _strips_bwd(dout: Tensor, qs: Tensor, k: Tensor, v: Tensor, out: Tensor, sta
     hkv = k.shape[1]
     alpha = blocked.alpha_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
     dq, dk, dv = mod.backward(dout, qs, k, v, out, stats, mask4, alpha, _plan_tensor(plan), variant == "lssar", p,
-                              floor)
+                              floor, native.Q_BLOCK, native.K_BLOCK)
     return dq, dk, dv
 
 
