@@ -1,7 +1,7 @@
 """Attention micro-benchmark: eager softmax, SDPA and every LSSA / LSSAR path, side by side.
 
     python benchmarks/attention.py --threads 2                # L = 2048 ... 16384, fwd and fwd+bwd
-    python benchmarks/attention.py --threads 2 --isa avx2     # the AVX2 build (on an AVX-512 CPU too)
+    python benchmarks/attention.py --threads 2 --isa avx2     # as on an AVX2 CPU (on an AVX-512 one too)
     python benchmarks/attention.py --quick                    # L = 512, 2048; 3 repetitions
 
 B=1, H=8, D=64, causal, float32 (``--dtype``). Each repetition runs every method once, in turn
@@ -9,7 +9,7 @@ B=1, H=8, D=64, causal, float32 (``--dtype``). Each repetition runs every method
 and ratios to SDPA from the same run. Eager softmax and materialised LSSA run up to
 ``--max-materialized`` (they need L x L memory); the pure-torch strips (``blocked``, the GPU path)
 up to that length too, to keep the run short. ``native`` is the C++ strips of ``--isa`` (default:
-the host's). The summary table gives each LSSA path's ratio to SDPA and to eager softmax.
+the host's); a narrower ``--isa`` runs torch's own kernels and MKL at that ISA too (``emulate_cpu``). The summary table gives each LSSA path's ratio to SDPA and to eager softmax.
 
 First call: a fresh process per variant times its first call (the native build is loaded, not
 rebuilt, and nothing compiles) against a later one. History: after 100 calls of distinct shapes and
@@ -238,6 +238,21 @@ def summary(rows, first, history):
         print(f"\nLSSAR fwd after 100 distinct shape/dtype calls / fresh: {history:.2f}")
 
 
+def emulate_cpu(isa: str) -> None:
+    """Run the whole benchmark as on a CPU whose widest ISA is ``isa``: torch's own kernels (SDPA,
+    eager softmax) through ATEN_CPU_CAPABILITY and MKL's GEMMs through MKL_ENABLE_INSTRUCTIONS, not
+    only the native strips; otherwise an AVX2 strip kernel is compared with AVX-512 SDPA. Both are
+    read once per process, so the script restarts itself with them set."""
+    want = {"avx512": "avx512", "avx2": "avx2", "default": "default"}[isa]
+    mkl = {"avx512": "AVX512", "avx2": "AVX2", "default": "SSE4_2"}[isa]
+    if os.environ.get("ATEN_CPU_CAPABILITY") == want and os.environ.get("MKL_ENABLE_INSTRUCTIONS") == mkl:
+        return
+    if isa == native.host_isa():
+        return  # the host's own: nothing to narrow
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": want, "MKL_ENABLE_INSTRUCTIONS": mkl}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
@@ -254,6 +269,7 @@ def main(argv=None):
     parser.add_argument("--no-first-call", action="store_true", help="skip the fresh-process first calls")
     args = parser.parse_args(argv)
     if args.isa:
+        emulate_cpu(args.isa)
         os.environ[native.ISA_ENV] = args.isa  # read at call time, also by the fresh processes
     args.dtype = getattr(torch, args.dtype)
     if args.threads:

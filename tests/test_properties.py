@@ -177,10 +177,14 @@ def test_every_backend_is_finite_and_agrees_with_the_reference(c):
     # there (found by the long profile: dq 6e4 vs 6e4 +- 2.5e4 at p = 1)
     zero_rows = (c["degenerate"] in ("zero_q", "zero_k") and c["dtype"] != torch.float64) or (
         c["degenerate"] == "tiny" and c["dtype"] == torch.float16)
+    # rows scaled by 1e-4 ("tiny") pass the gradient of their unit vector through 1/|q| ~ 1e4: the
+    # kernel's rounding in dq, dk grows by that much too (the same in the materialised fp32 path;
+    # found by the long profile: dq 3.7e-2 off at p = 25 on every backend), so q / k allow 1e4x
+    amplified = c["degenerate"] == "tiny" and c["dtype"] != torch.float64
     if grads_ok and not zero_rows:
         ref_grads = torch.autograd.grad(ref, ref_leaves, dout)
         for name, x, y in zip("qkv", grads, ref_grads):
-            scale = max(1.0, y.abs().max().item())
+            scale = max(1.0, y.abs().max().item()) * (1e4 if amplified and name != "v" else 1.0)
             assert (x.double() - y).abs().max().item() <= 20 * tol * scale, f"d{name} mismatch"
         COUNTS["gradients_compared"] += 1
     if c["degenerate"] == "tied_keys":  # exact answer: uniform over the visible keys
