@@ -243,13 +243,10 @@ def emulate_cpu(isa: str) -> None:
     eager softmax) through ATEN_CPU_CAPABILITY and MKL's GEMMs through MKL_ENABLE_INSTRUCTIONS, not
     only the native strips; otherwise an AVX2 strip kernel is compared with AVX-512 SDPA. Both are
     read once per process, so the script restarts itself with them set."""
-    want = {"avx512": "avx512", "avx2": "avx2", "default": "default"}[isa]
     mkl = {"avx512": "AVX512", "avx2": "AVX2", "default": "SSE4_2"}[isa]
-    if os.environ.get("ATEN_CPU_CAPABILITY") == want and os.environ.get("MKL_ENABLE_INSTRUCTIONS") == mkl:
-        return
     if isa == native.host_isa():
-        return  # the host's own: nothing to narrow
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": want, "MKL_ENABLE_INSTRUCTIONS": mkl}
+        return  # the host's own (also once restarted: torch then reports the narrowed ISA)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "MKL_ENABLE_INSTRUCTIONS": mkl}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 

@@ -75,18 +75,18 @@ def test_fused_key_tiles_under_each_isa(isa, dtype, monkeypatch):
             torch.set_num_threads(n_threads)
             monkeypatch.setattr(native, "Q_BLOCK", q_block)
             monkeypatch.setattr(native, "K_BLOCK", k_block)
-            _check_cases("lssa", dtype)
+            _check_lssa_cases(dtype)
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_cases(variant, dtype):
-    tol = 1e-9 if dtype == torch.float64 else _fp32_tol(variant, 15.0)
+def _check_lssa_cases(dtype):
+    tol = 1e-9 if dtype == torch.float64 else _fp32_tol("lssa", 15.0)
     for b, hq, hkv, lq, lk, kind in CASES:
         q, k, v = _inputs(b, hq, hkv, lq, lk, 16, dtype)
         mask = _masks(kind, b, lq, lk)
-        _check(lambda a, b_, c: blocked_attention(a, b_, c, mask, variant=variant, block_q=7, impl="native"),
-               q, k, v, mask, variant, 15.0, tol)
+        _check(lambda a, b_, c: blocked_attention(a, b_, c, mask, variant="lssa", block_q=7, impl="native"),
+               q, k, v, mask, "lssa", 15.0, tol)
 
 
 def test_temperature_and_long_rows_under_each_isa(isa):

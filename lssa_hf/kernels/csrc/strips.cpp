@@ -135,9 +135,7 @@ struct Strip {
     return (bh * g + rem / bq()) * lq + q0 + rem % bq();
   }
   int64_t visible(int64_t r) const {  // columns [visible, width) are hidden by the causal cut
-    if (!causal_cut) return width();
-    const int64_t i = r % bq();
-    return std::clamp<int64_t>(lk - lq + q0 + i + 1 - k0, 0, width());
+    return visible_at(r % bq(), k0, width());
   }
   template <typename T>
   void apply_mask(int64_t r, T* x, int64_t w) const {  // explicit mask: hidden scores -> -inf
@@ -340,8 +338,6 @@ template <> struct Blas<double> {
   static dgemm_fn fn() { static const auto f = (dgemm_fn)blas_symbol("dgemm_"); return f; }
 };
 
-bool have_blas() { return Blas<float>::fn() != nullptr && Blas<double>::fn() != nullptr; }
-
 template <typename T>
 void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
              int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -467,8 +463,8 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
   const int64_t nplan = plan.size(0), plane = b * hkv * g * lq;
   const int64_t* pl = plan.data_ptr<int64_t>();
   // LSSA's fused forward needs no strip buffer. (LSSAR keeps strips: a fused LSSAR forward needs
-  // each row's softplus mean and max first, so a second q k^T GEMM and softplus pass per tile, and
-  // measured 2.0-2.2x SDPA at 4K-16K against 1.3-1.4x for strips.)
+  // each row's softplus mean and max first, so a second q k^T GEMM and softplus pass per tile: an
+  // experimental one measured clearly slower than the strips.)
   const bool fused = !lssar && k_block > 0;
   auto work = at::empty({fused ? 0 : b * hq * extent(plan).first}, qs.options());
   const double tiny = qs.scalar_type() == at::kFloat ? std::numeric_limits<float>::min()
@@ -613,6 +609,5 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "LSSA/LSSAR forward strip loop: (out, stats)");
   m.def("backward", &backward, "LSSA/LSSAR backward strip loop: (dqs, dk, dv)");
-  m.def("blas", [] { return have_blas(); }, "whether tile GEMMs call BLAS directly (else ATen's mm)");
   m.def("vector_width", [] { return (int64_t)Vectorized<float>::size(); }, "float lanes of this build");
 }
