@@ -11,8 +11,8 @@ and ratios to SDPA from the same run. Eager softmax and materialised LSSA run up
 up to that length too, to keep the run short. ``native`` is the C++ strips of ``--isa`` (default:
 the host's); a narrower ``--isa`` runs torch's own kernels and MKL at that ISA too (``emulate_cpu``). The summary table gives each LSSA path's ratio to SDPA and to eager softmax.
 
-First call: a fresh process per variant times its first call (the native build is loaded, not
-rebuilt, and nothing compiles) against a later one. History: after 100 calls of distinct shapes and
+First call: fresh processes per variant (SDPA, LSSA, LSSAR) time their first call (the native build
+is loaded, not rebuilt, and nothing compiles) against a later one; the median over 5 processes. History: after 100 calls of distinct shapes and
 dtypes in one process, the LSSAR forward at the first length is timed again against a fresh one.
 
 Peak extra memory: one extra, untimed run per method under ``torch.profiler`` with
@@ -165,29 +165,40 @@ FIRST_CALL = """
 import sys, time, torch
 torch.set_num_threads({threads})
 from lssa_hf.kernels.blocked import blocked_attention
+from torch.nn.functional import scaled_dot_product_attention as sdpa
 q, k, v = (torch.randn(1, 8, {length}, 64, requires_grad=True) for _ in range(3))
+run = ((lambda: sdpa(q, k, v, is_causal=True)) if "{variant}" == "sdpa"
+       else (lambda: blocked_attention(q, k, v, variant="{variant}", impl="native")))
 res = []
 for grad in (False, True):
     for i in range(3):
         t0 = time.perf_counter()
         with torch.set_grad_enabled(grad):
-            out = blocked_attention(q, k, v, variant="{variant}", impl="native")
+            out = run()
             if grad:
                 out.sum().backward()
         res.append(time.perf_counter() - t0)
 print(*res)
 """
+FIRST_CALL_PROCESSES = 5  # one ~50 ms sample per process is noisy on a shared machine: the median
 
 
-def first_call_rows(length, threads):
-    """(variant, pass, first s, later s) from a fresh process per variant."""
+def first_call_rows(length, threads, processes=FIRST_CALL_PROCESSES):
+    """(variant, pass, first s, later s, median first / later) over fresh processes per variant;
+    SDPA's own first call is the reference for what any op pays first in a new process (thread pool,
+    BLAS set-up, first touch of its buffers)."""
     rows = []
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    for variant in ("lssa", "lssar"):
+    for variant in ("sdpa", "lssa", "lssar"):
         code = FIRST_CALL.format(threads=threads or torch.get_num_threads(), length=length, variant=variant)
-        t = [float(x) for x in subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                                              capture_output=True, text=True).stdout.split()]
-        rows += [(variant, "fwd", t[0], min(t[1:3])), (variant, "fwd+bwd", t[3], min(t[4:6]))]
+        runs = [[float(x) for x in subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                                  capture_output=True, text=True).stdout.split()]
+                for _ in range(processes)]
+        for mode, i in (("fwd", 0), ("fwd+bwd", 3)):
+            first = statistics.median(t[i] for t in runs)
+            later = statistics.median(min(t[i + 1:i + 3]) for t in runs)
+            ratio = statistics.median(t[i] / min(t[i + 1:i + 3]) for t in runs)
+            rows.append((variant, mode, first, later, ratio))
     return rows
 
 
@@ -230,10 +241,11 @@ def summary(rows, first, history):
         eager = (f"{a[3] / e[3]:.2f} | {r[3] / e[3]:.2f}" if e else "- | -")
         print(f"| {length} | {mode} | {a[4]:.2f} | {r[4]:.2f} | {eager} | {a[6]:.2f} | {r[6]:.2f} |")
     if first:
-        print("\n| first call, fresh process | pass | first s | later s | first / later |")
+        print(f"\n| first call, fresh process (median of {FIRST_CALL_PROCESSES}) | pass | first s | later s "
+              "| first / later |")
         print("|---|---|---|---|---|")
-        for variant, mode, t_first, t_later in first:
-            print(f"| {variant} | {mode} | {t_first:.3f} | {t_later:.3f} | {t_first / t_later:.2f} |")
+        for variant, mode, t_first, t_later, ratio in first:
+            print(f"| {variant} | {mode} | {t_first:.3f} | {t_later:.3f} | {ratio:.2f} |")
     if history is not None:
         print(f"\nLSSAR fwd after 100 distinct shape/dtype calls / fresh: {history:.2f}")
 

@@ -1,7 +1,7 @@
 """Model-level benchmark: SmolLM2-135M forward (no grad) at long lengths, sdpa vs LSSA vs LSSAR.
 
-Each (attention, length) runs in a fresh process: one warm-up forward at 1024 tokens (so
-torch.compile's one-off build of the CPU kernel is not timed), then one timed forward. Peak extra
+Each (attention, length) runs in a fresh process: one warm-up forward at 1024 tokens (loads the
+native build and warms the allocator), then one timed forward. Peak extra
 memory is the process RSS sampled every 5 ms during that forward minus the RSS just before it.
 
     python benchmarks/model_forward.py --lengths 4096 16384

@@ -35,9 +35,14 @@ def norm_eps(dtype: torch.dtype) -> float:
     return 1e-3 if dtype == torch.float16 else NORM_EPS
 
 
+def inverse_norm(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """1 / sqrt(||x||^2 + eps^2) per row, (..., 1): finite at zero, and no x-sized temporary."""
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + eps * eps)
+
+
 def unit(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """x / ||x||, smooth at zero: a zero row maps to zero with a finite gradient."""
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps * eps)
+    return x * inverse_norm(x, eps)
 
 
 class _SaturatingCast(torch.autograd.Function):
@@ -61,12 +66,6 @@ def to_compute(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if x.dtype in (torch.float16, torch.bfloat16) and dtype != x.dtype and x.requires_grad:
         return _SaturatingCast.apply(x, dtype)
     return x.to(dtype)
-
-
-def unit_qk(query: torch.Tensor, key: torch.Tensor, dtype: torch.dtype):
-    """Unit-norm query and key in the compute ``dtype``, with the input dtype's epsilon."""
-    eps = norm_eps(query.dtype)
-    return unit(to_compute(query, dtype), eps), unit(to_compute(key, dtype), eps)
 
 
 def causal_mask(q_len: int, k_len: int, device=None, window: int | None = None) -> torch.Tensor:
@@ -128,12 +127,14 @@ def scaled_unit_qk(query, key, counts: torch.Tensor, temperature=None):
     <c q^_i, k^_j> is the score s_ij, one multiply per row instead of per score. Autograd reaches a
     learned ``temperature`` through the scaled query."""
     dtype = compute_dtype(query.dtype)
-    q, k = unit_qk(query, key, dtype)
+    eps = norm_eps(query.dtype)
+    q, k = to_compute(query, dtype), to_compute(key, dtype)
     scale = length_scale(counts.to(dtype), query.shape[-1]).unsqueeze(-1)  # (Bm, Hm, Lq, 1)
     tau = head_factor(temperature, query, dtype)
     if tau is not None:
         scale = scale * tau
-    return q * scale, k
+    # one q-sized product: the per-row factors (1 / ||q||, c) are multiplied first
+    return q * (inverse_norm(q, eps) * scale), unit(k, eps)
 
 
 def softplus_scores(query, key, mask, temperature=None):
