@@ -334,6 +334,13 @@ def test_results_table_trains_picks_the_best_p_and_caches(checkpoint, tmp_path):
     stamps = [p.stat().st_mtime_ns for p in cached if p.name != "table.json"]
     assert run_table(table) == text  # everything cached: nothing retrained or re-measured
     assert [p.stat().st_mtime_ns for p in cached if p.name != "table.json"] == stamps
+    # --cached: what is measured so far, nothing trained, measured or written; unmeasured rows left out
+    (tmp_path / "table" / "softmax" / "eval.json").unlink()
+    table.rows.append({"name": "never run", "attention": "lssa"})
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "table").rglob("*.json")}
+    partial = run_table(table, measure=False).splitlines()
+    assert partial == lines[:2] + lines[3:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "table").rglob("*.json")} == stamps
 
 
 def test_cli_overrides_take_yaml_values(tmp_path):

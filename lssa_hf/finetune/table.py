@@ -196,17 +196,26 @@ def markdown(table: TableConfig, results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_table(table: TableConfig, only: list | None = None, name: str = "table") -> str:
+def cached_row(table: TableConfig, row: dict) -> dict | None:
+    """The cells measured so far for ``row`` (None before any), without training or measuring."""
+    path = Path(table.output_dir) / slug(row["name"]) / "eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_table(table: TableConfig, only: list | None = None, name: str = "table", measure: bool = True) -> str:
     """Train and evaluate every row (or the rows named in ``only``, in that order); writes <name>.md
-    and <name>.json."""
+    and <name>.json. ``measure=False``: only the cached cells ("-" for the rest), nothing written."""
     by_name = {row["name"]: row for row in table.rows}
     unknown = [row for row in only or [] if row not in by_name]
     if unknown:
         raise ValueError(f"No rows named {unknown} in the table; its rows are {list(by_name)}.")
     results = {}
     for row in only or by_name:  # the order asked for: the rows that matter most first
-        results[row] = evaluate_row(table, by_name[row])
+        results[row] = evaluate_row(table, by_name[row]) if measure else cached_row(table, by_name[row])
+    results = {row: res for row, res in results.items() if res is not None and "cost" in res}
     text = markdown(table, results)
+    if not measure:
+        return text
     out = Path(table.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text + "\n")
