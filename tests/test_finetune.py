@@ -306,6 +306,10 @@ def test_config_rejects_unknown_settings(tmp_path):
         FinetuneConfig.from_yaml(path)
     with pytest.raises(ValueError, match="softmax"):
         FinetuneConfig(attention="flash")
+    with pytest.raises(ValueError, match="temperature_init"):
+        FinetuneConfig(temperature_init="paper")
+    with pytest.raises(ValueError, match="head_temperature: true"):
+        FinetuneConfig(temperature_init="calibrate", head_temperature=False)
     assert FinetuneConfig.from_yaml(None, p=3, warm_start=None).p == 3.0
 
 
@@ -385,13 +389,23 @@ def test_table_rows_with_yarn_and_lssar_plus_yarn_past_the_window(checkpoint, tm
                               {"name": "YaRN x2", "attention": "softmax", "rope": "yarn:2", "train": False},
                               {"name": "YaRN x2 + LoRA", "attention": "softmax", "rope": "yarn:2"},
                               {"name": "LSSAR + YaRN x2 + LoRA", "attention": "lssar", "p": 5, "rope": "yarn:2"},
-                              {"name": "ssmax + LoRA", "attention": "ssmax", "head_temperature": True}])
+                              {"name": "ssmax + LoRA", "attention": "ssmax", "head_temperature": True},
+                              {"name": "LSSAR + YaRN x2, calibrated tau", "attention": "lssar", "p": 5,
+                               "rope": "yarn:2", "temperature_init": "calibrate", "train": False},
+                              {"name": "LSSAR + YaRN x2 + LoRA, calibrated tau", "attention": "lssar", "p": 5,
+                               "rope": "yarn:2", "head_temperature": True, "temperature_init": "calibrate"}])
     lines = run_table(table).splitlines()
-    assert len(lines) == 7 and lines[0].endswith("| passkey @300 |")
+    assert len(lines) == 9 and lines[0].endswith("| passkey @300 |")
     results = json.loads((tmp_path / "table" / "table.json").read_text())
     assert results["YaRN x2"]["cost"]["rope"] == "yarn:2" and results["softmax"]["cost"]["rope"] is None
     assert results["YaRN x2 + LoRA"]["cost"]["rope"] == "yarn:2" and results["YaRN x2 + LoRA"]["cost"]["steps"] == 2
     assert all(0.0 <= res["passkey"]["300"] <= 1.0 for res in results.values())
+    calibrated = next(json.loads((p / "finetune.json").read_text()) for p in (tmp_path / "table" / "runs").iterdir()
+                      if "temperature_init" in json.loads((p / "finetune.json").read_text())["config"]
+                      and json.loads((p / "finetune.json").read_text())["config"]["temperature_init"] == "calibrate")
+    fit = calibrated["temperature_init"]
+    assert len(fit["tau"]) == 2 and all(a <= b for a, b in zip(fit["mse"], fit["mse_at_1"]))
+    assert results["LSSAR + YaRN x2, calibrated tau"]["cost"]["seconds"] > 0  # no training, only the fit
     for attention, rope_type in (("softmax", "yarn:2"), ("lssar", "yarn:2"), ("ssmax", "default")):
         folder = next(p for p in (tmp_path / "table" / "runs").iterdir() if p.name.startswith(attention))
         model, _ = load_adapted(folder)

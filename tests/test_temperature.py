@@ -1,5 +1,6 @@
 """Learned per-head temperatures (``patch(head_temperature=True)``): math, persistence, training."""
 
+import math
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
@@ -104,3 +105,55 @@ def test_temperature_settings_are_validated_and_shapes_checked():
     module.lssa_temperature.log_temperature = torch.nn.Parameter(torch.zeros(3))  # wrong head count
     with pytest.raises(ValueError, match="one value per query head"):
         model(ids())
+
+
+def _layer0_output(model, tokens):
+    """Layer 0's attention output in a full forward (its input, the embeddings, is the same for any attention)."""
+    seen = {}
+    handle = attention_modules(model)[0].register_forward_hook(lambda m, a, out: seen.setdefault("out", out[0]))
+    try:
+        model(tokens)
+    finally:
+        handle.remove()
+    return seen["out"].double()
+
+
+@pytest.mark.parametrize("variant", ["lssa", "lssar"])
+def test_calibrated_temperatures_match_the_softmax_layers(variant):
+    from lssa_hf.finetune.calibrate import GRID, calibrate_temperatures
+
+    tokens = ids(length=48)
+    softmax = tiny_model("llama").double()
+    target = _layer0_output(softmax, tokens)
+    model = lssa_hf.patch(tiny_model("llama").double(), variant=variant, head_temperature=True)
+    result = calibrate_temperatures(model, tokens)
+    modules = attention_modules(model)
+    assert lssa_hf.settings_of(model).variant == variant and model.training is False
+    for module, taus, before, after in zip(modules, result["tau"], result["mse_at_1"], result["mse"]):
+        assert torch.allclose(getattr(module, ATTRIBUTE)().double(), torch.tensor(taus, dtype=torch.float64), rtol=1e-3)
+        assert all(any(abs(t - g) < 1e-3 * g for g in GRID) for t in taus) and after <= before
+    assert any(t != 1.0 for layer in result["tau"] for t in layer)  # the paper's scale is not what fits best
+    # layer 0 independently: the chosen taus give the reported error against the softmax model's output ...
+    err = lambda: torch.nn.functional.mse_loss(_layer0_output(model, tokens), target).item()
+    assert err() == pytest.approx(result["mse"][0], rel=1e-6)
+    assert err() < result["mse_at_1"][0]
+    # ... and no single head moved one grid step does better (each head is at its best, the others held)
+    log_tau = getattr(modules[0], ATTRIBUTE).log_temperature
+    with torch.no_grad():
+        for head in range(log_tau.numel()):
+            for step in (-0.5, 0.5):
+                if not GRID[0] <= math.exp(log_tau[head].item() + step * math.log(2)) <= GRID[-1] * 1.001:
+                    continue  # the grid's edge
+                log_tau[head] += step * math.log(2)
+                assert err() >= result["mse"][0] * (1 - 1e-9)
+                log_tau[head] -= step * math.log(2)
+    assert _layer0_output(softmax, tokens).equal(target)  # the softmax model is untouched
+
+
+def test_calibration_needs_a_patched_model_with_temperatures():
+    from lssa_hf.finetune.calibrate import calibrate_temperatures
+
+    with pytest.raises(ValueError, match="patch the model first"):
+        calibrate_temperatures(tiny_model("llama"), ids())
+    with pytest.raises(ValueError, match="head_temperature=True"):
+        calibrate_temperatures(lssa_hf.patch(tiny_model("llama")), ids())

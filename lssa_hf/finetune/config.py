@@ -13,6 +13,7 @@ from .schedule import check_schedule
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+TEMPERATURE_INITS = ("one", "calibrate")
 
 
 @dataclass
@@ -57,6 +58,11 @@ class FinetuneConfig:
     # LSSA only (turned off for attention "softmax", which has no length scale)
     head_temperature: bool = False
     temperature_lr: float = 2e-2
+    # "one" (the paper's scale) or "calibrate": before training, each head's tau is set to the grid value
+    # whose layer output best matches the softmax checkpoint's on calibration_blocks training blocks
+    # (finetune/calibrate.py)
+    temperature_init: str = "one"
+    calibration_blocks: int = 2
 
     # attention-transfer warm start (LoLCATs-style): LoRA on q/k only, per-layer output MSE vs softmax
     warm_start: bool = False
@@ -100,6 +106,11 @@ class FinetuneConfig:
             # the recipe's LSSA default meets the --attention softmax baseline: softmax has no length scale
             logger.info("head_temperature applies to LSSA only: off for the softmax baseline.")
             self.head_temperature = False
+        if self.temperature_init not in TEMPERATURE_INITS:
+            raise ValueError(f"Unknown temperature_init {self.temperature_init!r}: use one of {TEMPERATURE_INITS}.")
+        if self.temperature_init == "calibrate" and not self.head_temperature:
+            raise ValueError("temperature_init 'calibrate' sets per-head temperatures: set head_temperature: true "
+                             "(and an LSSA-family attention, not softmax).")
         if self.warm_start and self.attention == SOFTMAX:
             raise ValueError("The warm start matches LSSA layers to their softmax originals: it needs attention "
                              "'lssa' or 'lssar', not 'softmax'.")

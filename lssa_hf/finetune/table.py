@@ -24,7 +24,8 @@ from ..models import DEFAULT_MODEL, RESULT, load, load_adapted
 from ..patching import set_attention
 from ..settings import DEFAULT_P, SOFTMAX
 from .config import FinetuneConfig
-from .train import finetune, total_cost
+from .data import build_datasets
+from .train import calibrate, finetune, total_cost
 
 
 @dataclass
@@ -102,9 +103,14 @@ def row_model(table: TableConfig, row: dict):
     base = {**table.base, **{k: v for k, v in row.items() if k not in ("name", "train")}}
     attention, p, rope = base.get("attention", SOFTMAX), base.get("p", DEFAULT_P), base.get("rope")
     model, tokenizer = load(base.get("model", DEFAULT_MODEL), rope=rope)
+    calibrated = base.get("temperature_init") == "calibrate"
     set_attention(model, attention, p=p, ssmax_length=base.get("ssmax_length"),
-                  softmax_layers=base.get("softmax_layers"))
-    return model, tokenizer, {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": attention, "p": p, "rope": rope}
+                  softmax_layers=base.get("softmax_layers"), head_temperature=calibrated)
+    cost = {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": attention, "p": p, "rope": rope}
+    if calibrated:  # no training, only the temperatures fitted to the softmax layers (on training text)
+        config = FinetuneConfig(**{**base, "head_temperature": True, "output_dir": str(Path(table.output_dir) / "runs")})
+        cost["seconds"] = calibrate(model, config, build_datasets(config, tokenizer)[0])["seconds"]
+    return model, tokenizer, cost
 
 
 @torch.no_grad()

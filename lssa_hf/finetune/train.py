@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .data import build_datasets
 from .lora import add_lora, attention_targets
 from .optim import AdaptTrainer
 from .schedule import PowerSchedule
+from .calibrate import calibrate_temperatures
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
 
 def precision_flags(precision: str) -> dict:
@@ -92,12 +94,13 @@ def load_adapter_weights(model, run: str | Path) -> None:
 
 
 def total_cost(result: dict) -> dict:
-    """Steps, tokens and seconds of a finished run (a finetune.json), its warm start and the runs it
-    continues included; ``seconds_complete`` is False where a resume lost earlier time."""
+    """Steps, tokens and seconds of a finished run (a finetune.json), its warm start, temperature
+    calibration and the runs it continues included; ``seconds_complete`` is False where a resume lost earlier time."""
     cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
     # runs from before the time was checkpointed: a resumed one only knows its last process's time
     complete = result.get("seconds_complete", result.get("resumed_from") is None)
-    for earlier in (result.get("warm_start") or {}, result.get("init_adapter") or {}):
+    for earlier in (result.get("warm_start") or {}, result.get("init_adapter") or {},
+                    result.get("temperature_init") or {}):  # the calibration: seconds only
         for k in cost:
             cost[k] += earlier.get(k, 0)
         complete = complete and earlier.get("seconds_complete", True)
@@ -118,6 +121,15 @@ def _cost(trainer, config: FinetuneConfig) -> dict:
 
 def _losses(trainer, key: str) -> list:
     return [{"step": e["step"], key: round(e[key], 4)} for e in trainer.state.log_history if key in e]
+
+
+def calibrate(model, config: FinetuneConfig, train) -> dict:
+    """Per-head temperatures from the softmax checkpoint (``calibrate_temperatures``) on the first
+    ``calibration_blocks`` training blocks; the LoRA is still zero, so the model is the checkpoint."""
+    ids = torch.as_tensor(train[: config.calibration_blocks]["input_ids"])
+    start = time.perf_counter()
+    result = calibrate_temperatures(model, ids)
+    return {**result, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def warm_start(model, config: FinetuneConfig, train, valid, out: Path) -> dict:
@@ -166,6 +178,8 @@ def adapt(config: FinetuneConfig):
     if config.init_adapter:
         result["init_adapter"] = total_cost(json.loads((Path(config.init_adapter) / RESULT).read_text()))
     resume = last_checkpoint(out / "checkpoints") if config.resume else None
+    if config.temperature_init == "calibrate" and not (resume or config.init_adapter):
+        result["temperature_init"] = calibrate(model, config, train)  # (a checkpoint holds its temperatures)
 
     if config.warm_start:
         done = out / "warm_start" / "warm_start.json"
