@@ -109,7 +109,11 @@ def row_model(table: TableConfig, row: dict):
     cost = {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": attention, "p": p, "rope": rope}
     if calibrated:  # no training, only the temperatures fitted to the softmax layers (on training text)
         config = FinetuneConfig(**{**base, "head_temperature": True, "output_dir": str(Path(table.output_dir) / "runs")})
-        cost["seconds"] = calibrate(model, config, build_datasets(config, tokenizer)[0])["seconds"]
+        fit = calibrate(model, config, build_datasets(config, tokenizer)[0])
+        cost["seconds"], cost["tau"] = fit["seconds"], fit["tau"]
+        print(f"{row['name']}: per-head tau fitted in {fit['seconds']:.0f} s, layer means "
+              f"{[round(sum(t) / len(t), 2) for t in fit['tau']]}; summed layer-output MSE "
+              f"{sum(fit['mse_at_1']):.4g} at tau = 1 -> {sum(fit['mse']):.4g}", flush=True)
     return model, tokenizer, cost
 
 
