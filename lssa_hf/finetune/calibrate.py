@@ -18,27 +18,16 @@ import torch.nn.functional as F
 
 from ..patching import base_model, is_patched
 from ..temperature import ATTRIBUTE, attention_modules
-from .warmstart import original_attention
+from .warmstart import ModuleHooks, original_attention
 
 GRID = tuple(2.0 ** (k / 2) for k in range(-2, 11))  # tau = 0.5 ... 32, steps of sqrt(2)
 
 
-class LayerCalls:
-    """Forward hooks recording each attention module's full call (args, kwargs) and its output."""
+class LayerCalls(ModuleHooks):
+    """Hooks recording each attention module's full call (args, kwargs) and its output."""
 
     def __init__(self, modules):
-        self.modules, self.calls, self.outputs = modules, {}, {}
-
-    def __enter__(self):
-        self.handles = []
-        for i, module in enumerate(self.modules):
-            self.handles.append(module.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._post(i)))
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
+        self.modules, self.calls, self.outputs, self.handles = modules, {}, {}, []
 
     def _pre(self, i):
         def hook(module, args, kwargs):

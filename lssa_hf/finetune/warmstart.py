@@ -54,15 +54,12 @@ def frozen_original(model):
             param.requires_grad_(flag)
 
 
-class AttentionTaps:
-    """Hooks on every attention module. "record": keep the layer's input and output; "replay": feed
-    the recorded input instead of the model's own and keep the output."""
+class ModuleHooks:
+    """Context manager: a pre-hook (with kwargs) ``self._pre(i)`` and a forward hook ``self._post(i)``
+    on each of ``self.modules``, removed on exit."""
 
-    def __init__(self, model):
-        self.modules = attention_modules(model)
-        if not self.modules:
-            raise ValueError(f"No attention modules found in {type(base_model(model)).__name__}.")
-        self.mode, self.inputs, self.outputs, self.handles = None, {}, {}, []
+    modules: list
+    handles: list
 
     def __enter__(self):
         for i, module in enumerate(self.modules):
@@ -74,6 +71,17 @@ class AttentionTaps:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+class AttentionTaps(ModuleHooks):
+    """Hooks on every attention module. "record": keep the layer's input and output; "replay": feed
+    the recorded input instead of the model's own and keep the output."""
+
+    def __init__(self, model):
+        self.modules = attention_modules(model)
+        if not self.modules:
+            raise ValueError(f"No attention modules found in {type(base_model(model)).__name__}.")
+        self.mode, self.inputs, self.outputs, self.handles = None, {}, {}, []
 
     def _pre(self, i):
         def hook(module, args, kwargs):
