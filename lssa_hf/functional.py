@@ -98,7 +98,9 @@ def head_factor(temperature, query: torch.Tensor, dtype: torch.dtype):
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(temperature).all() & (temperature > 0).all()):
         raise ValueError(f"temperature must be finite and > 0 for every head (it multiplies the length scale; "
                          f"1 is the paper), got {temperature.detach().flatten().tolist()}: a learned temperature "
-                         "that diverged needs a lower learning rate or its log-parameter reset.")
+                         "that diverged needs a lower learning rate or its log-parameter reset. (Known cause: "
+                         "with tau * log(d) * log(N) > 87, rows whose scores all underflow softplus in float32 "
+                         "give NaN gradients; see docs/baselines.md, 'What remains'.)")
     return temperature.to(device=query.device, dtype=dtype).reshape(1, hq, 1, 1)
 
 
