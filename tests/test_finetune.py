@@ -400,9 +400,8 @@ def test_table_rows_with_yarn_and_lssar_plus_yarn_past_the_window(checkpoint, tm
     assert results["YaRN x2"]["cost"]["rope"] == "yarn:2" and results["softmax"]["cost"]["rope"] is None
     assert results["YaRN x2 + LoRA"]["cost"]["rope"] == "yarn:2" and results["YaRN x2 + LoRA"]["cost"]["steps"] == 2
     assert all(0.0 <= res["passkey"]["300"] <= 1.0 for res in results.values())
-    calibrated = next(json.loads((p / "finetune.json").read_text()) for p in (tmp_path / "table" / "runs").iterdir()
-                      if "temperature_init" in json.loads((p / "finetune.json").read_text())["config"]
-                      and json.loads((p / "finetune.json").read_text())["config"]["temperature_init"] == "calibrate")
+    records = [json.loads((p / "finetune.json").read_text()) for p in (tmp_path / "table" / "runs").iterdir()]
+    calibrated = next(r for r in records if r["config"].get("temperature_init") == "calibrate")
     fit = calibrated["temperature_init"]
     assert len(fit["tau"]) == 2 and all(a <= b for a, b in zip(fit["mse"], fit["mse_at_1"]))
     assert results["LSSAR + YaRN x2, calibrated tau"]["cost"]["seconds"] > 0  # no training, only the fit

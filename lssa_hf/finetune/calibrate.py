@@ -60,7 +60,7 @@ def _best_tau(module, call, target, log_tau: torch.Tensor, heads, grid) -> float
 def calibrate_temperatures(model, input_ids: torch.Tensor, grid=GRID, max_sweeps: int = 4) -> dict:
     """Set every layer's per-head temperature (``patch(..., head_temperature=True)``) to the grid
     value whose LSSA/LSSAR layer output best matches the softmax layer's on ``input_ids`` (coordinate
-descent over heads: at most ``max_sweeps`` sweeps, until no head's tau changes).
+    descent over heads: at most ``max_sweeps`` sweeps, until no head's tau changes).
 
     Returns {"tau": per-layer lists of the chosen tau, "mse_at_1": the per-layer error at tau = 1,
     "mse": after}."""

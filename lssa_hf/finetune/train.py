@@ -17,13 +17,13 @@ import torch
 
 from ..models import RESULT, drop_gguf_marker, load
 from ..patching import set_attention
+from .calibrate import calibrate_temperatures
 from .clock import WallClock, wall_clock
 from .config import FinetuneConfig
 from .data import build_datasets
 from .lora import add_lora, attention_targets
 from .optim import AdaptTrainer
 from .schedule import PowerSchedule
-from .calibrate import calibrate_temperatures
 from .warmstart import AttentionTransferTrainer, layer_mse, qk_only, restore
 
 def precision_flags(precision: str) -> dict:
@@ -95,7 +95,8 @@ def load_adapter_weights(model, run: str | Path) -> None:
 
 def total_cost(result: dict) -> dict:
     """Steps, tokens and seconds of a finished run (a finetune.json), its warm start, temperature
-    calibration and the runs it continues included; ``seconds_complete`` is False where a resume lost earlier time."""
+    calibration and the runs it continues included; ``seconds_complete`` is False where a resume
+    lost earlier time."""
     cost = {k: result[k] for k in ("steps", "tokens", "seconds")}
     # runs from before the time was checkpointed: a resumed one only knows its last process's time
     complete = result.get("seconds_complete", result.get("resumed_from") is None)
