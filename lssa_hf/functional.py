@@ -98,9 +98,7 @@ def head_factor(temperature, query: torch.Tensor, dtype: torch.dtype):
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(temperature).all() & (temperature > 0).all()):
         raise ValueError(f"temperature must be finite and > 0 for every head (it multiplies the length scale; "
                          f"1 is the paper), got {temperature.detach().flatten().tolist()}: a learned temperature "
-                         "that diverged needs a lower learning rate or its log-parameter reset. (Known cause: "
-                         "with tau * log(d) * log(N) > 87, rows whose scores all underflow softplus in float32 "
-                         "give NaN gradients; see docs/baselines.md, 'What remains'.)")
+                         "that diverged needs a lower learning rate or its log-parameter reset.")
     return temperature.to(device=query.device, dtype=dtype).reshape(1, hq, 1, 1)
 
 
@@ -150,8 +148,33 @@ def softplus_scores(query, key, mask, temperature=None):
     qs = qs.expand(b, hq, lq, d)
     s = (qs.reshape(b, hkv, (hq // hkv) * lq, d) @ k.transpose(-1, -2)).view(b, hq, lq, lk)
     visible = mask4.expand(b, hq, lq, lk)
-    sp = torch.where(visible, F.softplus(s), 0.0)
+    sp = F.softplus(s)
+    # |s_ij| <= ||c q^_i||: only rows whose scaled query is longer than -SHIFT_BELOW can need a shift
+    if torch.compiler.is_compiling() or bool(torch.linalg.vector_norm(qs, dim=-1).amax() > -SHIFT_BELOW):
+        shift = underflow_shift(torch.where(visible, s, -math.inf).amax(-1, keepdim=True)).detach()
+        # the unselected branches get safe inputs: exp of a large s would be inf, and inf * 0 a NaN gradient
+        shifted = torch.exp(torch.where(visible & (shift < 0), s - shift, -math.inf))
+        sp = torch.where(shift < 0, shifted, sp)
+    sp = torch.where(visible, sp, 0.0)
     return sp, counts.to(s.dtype).unsqueeze(-1).expand(b, hq, lq, 1), visible
+
+
+# Underflow. |s_ij| <= c_i = tau log(d) log(N_i), so once c_i > 87 a row's visible scores can all lie
+# below float32's softplus range (S = 0: no output, NaN gradients). There softplus(s) = e^s to
+# relative e^s / 2, so rows whose largest score is below SHIFT_BELOW take weights exp(s - r_i),
+# r_i = max_j s_ij: a row constant that cancels in A = sp / S and in LSSAR's renormalisation (the
+# output does not depend on it, so backward treats it as a constant). e^-40 / 2 is below float64
+# rounding, so the two formulas agree to the last bit where they meet.
+SHIFT_BELOW = -40.0
+# The strip kernels learn a row needs the shift from their first pass: its largest softplus score is
+# below e^-45 (then its largest score is below -44.9, past SHIFT_BELOW); rows above that are exact.
+FLAG_BELOW = math.exp(-45.0)
+
+
+def underflow_shift(row_max: torch.Tensor) -> torch.Tensor:
+    """r_i per row from its largest visible score: that score where it is below SHIFT_BELOW, else 0
+    (also for rows without visible keys, whose max is -inf)."""
+    return torch.where(torch.isfinite(row_max) & (row_max < SHIFT_BELOW), row_max, 0.0)
 
 
 # Near ties. t_ij = N_i A_ij - 1 (rows with N_i > 3) is a difference of nearly equal numbers: the

@@ -6,12 +6,14 @@ answer instead (all keys identical: every weighting is uniform, so the output is
 visible values).
 """
 
+import math
+
 import pytest
 import torch
 
 from lssa_hf.attention import lssa_attention
 from lssa_hf.functional import causal_mask, softplus_scores, tie_tolerance
-from lssa_hf.kernels import triton_lssa
+from lssa_hf.kernels import blocked, triton_lssa
 from reference import reference_attention
 
 TRITON = triton_lssa.available()
@@ -206,24 +208,79 @@ def test_fp16_tied_rows_gradient_is_the_lssa_gradient():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * max(1.0, b.abs().max().item()))
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (found 2026-12-02, not fixed yet): rows whose visible "
-                   "scores are all below about -87 underflow softplus in float32 (S = 0): wrong outputs and "
-                   "NaN gradients. Fix: shift such rows by their max score (softplus(s) = e^s there).")
-@pytest.mark.parametrize("backend", ["materialized", "blocked", "native"])
-def test_rows_whose_scores_all_underflow_softplus(backend):
-    """A large temperature (tau = 64: scale 64 log(64) log(N) > 1000) and a query whose cosine with every
-    visible key is negative: every softplus score is below float32's smallest normal number. In float64
-    (the reference) the row is well defined: A = softplus(s) / sum is softmax(s) to 1e-30."""
-    g = torch.Generator().manual_seed(0)
+def underflow_inputs(variant_mask: bool, seed=0):
+    """Queries pointing away from every key (cosine about -0.9) and tau = 16 at d = 16: scores from about
+    -28 (N = 2) to -330 (N = 128). Rows past N of about 10 underflow softplus in float32 (all scores
+    below -87), earlier rows do not: both kinds in one call. float64 (the reference) holds them all
+    (its exp underflows only below -745). GQA (4 query heads, 2 KV heads); ``variant_mask``: an explicit
+    mask with padding and a sliding window, so some rows have N <= 3 (no offset in LSSAR)."""
+    g = torch.Generator().manual_seed(seed)
     base = torch.randn(16, generator=g, dtype=torch.float64)
-    k = base + 0.3 * torch.randn(1, 1, 64, 16, generator=g, dtype=torch.float64)  # keys of one direction,
-    q = -base + 0.3 * torch.randn(1, 1, 64, 16, generator=g, dtype=torch.float64)  # queries opposite
-    v = torch.randn(1, 1, 64, 16, generator=g, dtype=torch.float64)
-    tau = torch.full((1,), 64.0, dtype=torch.float64)
-    want = reference_attention(q, k, v, None, variant="lssar", p=5.0, temperature=tau)
+    k = base + 0.3 * torch.randn(2, 2, 128, 16, generator=g, dtype=torch.float64)
+    q = -base + 0.3 * torch.randn(2, 4, 128, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 128, 16, generator=g, dtype=torch.float64)
+    tau = torch.tensor([16.0, 12.0, 16.0, 1.0], dtype=torch.float64)  # one head never underflows
+    mask = None
+    if variant_mask:
+        mask = causal_mask(128, 128).expand(2, 1, 128, 128).clone()
+        mask[1, :, :, :5] = False  # left padding of the second sequence
+        mask[:, :, 64:, :] &= causal_mask(64, 128, window=3)  # a window of 3 keys: N <= 3
+    return q, k, v, mask, tau
+
+
+@pytest.mark.parametrize("variant", ["lssa", "lssar"])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("backend", GRAD_BACKENDS + ["flex"])
+def test_rows_whose_scores_all_underflow_softplus(backend, variant, with_mask):
+    """Rows whose scores all lie below float32's softplus range (S = 0 in a plain float32 sum) take
+    exp(s - max s) (``functional.underflow_shift``): outputs and gradients match the float64 reference,
+    and rows that do not underflow are unchanged."""
+    q, k, v, mask, tau = underflow_inputs(with_mask)
+    leaves64 = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = reference_attention(*leaves64, mask, variant=variant, p=5.0, temperature=tau)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, leaves64, dout)
     assert torch.isfinite(want).all()
+    if backend == "flex":  # forward (on CPU: causal LSSA, else the blocked kernel runs)
+        with torch.no_grad():
+            out = lssa_attention(q.float(), k.float(), v.float(), mask, variant=variant, p=5.0, backend=backend,
+                                 temperature=tau.float())[0]
+        torch.testing.assert_close(out.double(), want.detach(), rtol=0, atol=2e-4)
+        return
     leaves = [x.float().requires_grad_() for x in (q, k, v)]
-    out = lssa_attention(*leaves, None, variant="lssar", p=5.0, backend=backend, temperature=tau.float())[0]
-    grads = torch.autograd.grad(out.sum(), leaves)
-    assert all(torch.isfinite(x).all() for x in grads)
-    assert (out.double() - want).abs().max().item() < 1e-3
+    before = blocked.underflow_counts["rows"]
+    out = lssa_attention(*leaves, mask, variant=variant, p=5.0, backend=backend, temperature=tau.float())[0]
+    if backend != "materialized":  # the strip kernels' second pass ran, and counted the rows it shifted
+        assert blocked.underflow_counts["rows"] > before
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-4)
+    for got, ref in zip(grads, want_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-3 * max(1.0, ref.abs().max().item()))
+
+
+def test_underflow_inputs_do_underflow():
+    """The inputs above reach the case they test: some rows have every visible score below -87 (float32
+    softplus is 0 there), others do not."""
+    q, k, v, mask, tau = underflow_inputs(False)
+    qn = q / q.norm(dim=-1, keepdim=True)
+    kn = (k / k.norm(dim=-1, keepdim=True)).repeat_interleave(2, dim=1)
+    n = torch.arange(1, 129, dtype=torch.float64)[:, None]
+    s = tau.view(1, 4, 1, 1) * math.log(16) * torch.log(n) * (qn @ kn.transpose(-1, -2))
+    row_max = torch.where(causal_mask(128, 128), s, -math.inf).amax(-1)
+    assert (row_max < -87).sum() > 100 and (row_max > -80).sum() > 100
+
+
+@pytest.mark.parametrize("variant", ["lssa", "lssar"])
+def test_ordinary_rows_take_one_pass(variant):
+    """Without underflowing rows (tau = 1 and random inputs; rows with N <= 3 and fully masked rows
+    included) the strip kernels never run their second pass."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 32, generator=g) for _ in range(3))
+    mask = causal_mask(300, 300).expand(2, 1, 300, 300).clone()
+    mask[0, :, 10:20] = False  # rows without visible keys
+    before = blocked.underflow_counts["calls"]
+    for backend in ("blocked", "native"):
+        lssa_attention(q, k, v, mask, variant=variant, backend=backend)
+        lssa_attention(q, k, v, None, variant=variant, backend=backend)
+    assert blocked.underflow_counts["calls"] == before

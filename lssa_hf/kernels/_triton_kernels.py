@@ -100,6 +100,14 @@ def _softplus_sigmoid(s):
 
 
 @triton.jit
+def _shifted(s, sp, sig, r):
+    """On rows with an underflow shift r < 0 (functional.underflow_shift) the weight base and its
+    derivative are both exp(s - r); other rows keep (sp, sig)."""
+    e = tl.exp(tl.where(r[:, None] < 0, s - r[:, None], 0.0))  # s <= r = max s there; others: no overflow
+    return tl.where(r[:, None] < 0, e, sp), tl.where(r[:, None] < 0, e, sig)
+
+
+@triton.jit
 def _pow(u, p):
     """u^p for u >= 0, p > 0 (0 where u = 0), in fp32 through exp2/log2."""
     return tl.where(u > 0, tl.exp2(p * tl.log2(tl.maximum(u, _TINY))), 0.0)
@@ -132,14 +140,19 @@ def _span(LO, HI, row_off, rows, Lk, BN: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, D: tl.constexpr,
-              HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, EMULATE: tl.constexpr, BN: tl.constexpr):
-    """Key tile at n0: (offs_n, k^T tile, visibility, softplus and sigmoid of the scores, 0 where hidden)."""
+def _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, r, D: tl.constexpr,
+              HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, EMULATE: tl.constexpr, BN: tl.constexpr,
+              HAS_SHIFT: tl.constexpr):
+    """Key tile at n0: (offs_n, k^T tile, visibility, softplus and sigmoid of the scores, 0 where hidden);
+    r: the rows' underflow shifts (HAS_SHIFT)."""
     offs_n = n0 + tl.arange(0, BN)
     kt = tl.load(kb + offs_n[None, :] * skn + offs_d[:, None],
                  mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
     vis = _visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK)
-    sp, sig = _softplus_sigmoid(_dot(q, kt, QK_PREC, EMULATE))
+    s = _dot(q, kt, QK_PREC, EMULATE)
+    sp, sig = _softplus_sigmoid(s)
+    if HAS_SHIFT:
+        sp, sig = _shifted(s, sp, sig, r)
     return offs_n, kt, vis, tl.where(vis, sp, 0.0), tl.where(vis, sig, 0.0)
 
 
@@ -160,6 +173,14 @@ def _query_block(Q, LO, HI, sqb, sqh, sqm, srb, srh, Lq, Lk, HQ, D: tl.constexpr
 
 
 @triton.jit
+def _row_shift(shift_ptr, offs, rows, HAS_SHIFT: tl.constexpr, BM: tl.constexpr):
+    """The rows' underflow shifts ((B*HQ, Lq) at SHIFT), zeros without them."""
+    if HAS_SHIFT:
+        return tl.load(shift_ptr + offs, mask=rows, other=0.0)
+    return tl.full([BM], 0.0, dtype=tl.float32)
+
+
+@triton.jit
 def _saved_stats(stat, plane, rows, LSSAR: tl.constexpr, BM: tl.constexpr):
     """Forward row statistics (W, m, 1/scale, fallback) at ``stat``; LSSA rows are fallback rows."""
     wsum = tl.load(stat, mask=rows, other=0.0)
@@ -175,12 +196,12 @@ def _saved_stats(stat, plane, rows, LSSAR: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
+def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK, SHIFT,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p, tie_eps, tie_terms,
                 LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, O_PREC: tl.constexpr,
                 EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr):
+                BM: tl.constexpr, BN: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """One block of BM query rows of one head: out = sum_j w_j v_j / W, and the row statistics."""
     pid_bh = tl.program_id(1)
     offs_d, offs_dv = tl.arange(0, BD), tl.arange(0, BDV)
@@ -189,6 +210,7 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
     kb = K + b * skb + (h // G) * skh
     vb = V + b * svb + (h // G) * svh
     mask_ptr = MASK + b * smb + h * smh
+    r = _row_shift(SHIFT, pid_bh * Lq + offs_m, rows, HAS_SHIFT, BM)
     m = tl.full([BM], 0.0, dtype=tl.float32)
     inv_scale = tl.full([BM], 1.0, dtype=tl.float32)
     fallback = m == 0.0
@@ -197,8 +219,8 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
         total = tl.full([BM], 0.0, dtype=tl.float32)
         top = tl.full([BM], 0.0, dtype=tl.float32)
         for n0 in range(k_lo, k_hi, BN):
-            _, _, _, sp, _ = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, D,
-                                       HAS_MASK, QK_PREC, EMULATE, BN)
+            _, _, _, sp, _ = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, r, D,
+                                       HAS_MASK, QK_PREC, EMULATE, BN, HAS_SHIFT)
             total += _sum(sp, 1)
             top = tl.maximum(top, _max(sp, 1))
         m = alpha * total
@@ -209,8 +231,8 @@ def _fwd_kernel(Q, K, V, O, LO, HI, ALPHA, STATS, MASK,
     acc = tl.full([BM, BDV], 0.0, dtype=tl.float32)
     wsum = tl.full([BM], 0.0, dtype=tl.float32)
     for n0 in range(k_lo, k_hi, BN):
-        offs_n, _, _, sp, _ = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, D,
-                                        HAS_MASK, QK_PREC, EMULATE, BN)
+        offs_n, _, _, sp, _ = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk, r, D,
+                                        HAS_MASK, QK_PREC, EMULATE, BN, HAS_SHIFT)
         w = sp
         if LSSAR:
             w = _lssar_weights(sp, m, inv_scale, fallback, p)
@@ -248,12 +270,12 @@ def _row_terms(sp, sig, gr, delta, m, inv_scale, fallback, p, floor, LSSAR: tl.c
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK, SHIFT,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                    srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p, floor,
                    LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr, V_PREC: tl.constexpr,
                    G_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
-                   BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """dq of one query block: coef (sum_j h_j sig_j k_j - alpha Gamma sum_j sig_j k_j); stores Gamma."""
     pid_bh = tl.program_id(1)
     offs_d, offs_dv = tl.arange(0, BD), tl.arange(0, BDV)
@@ -264,6 +286,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
     plane = HQ * Lq * (tl.num_programs(1) // HQ)
     wsum, m, inv_scale, fallback = _saved_stats(STATS + pid_bh * Lq + offs_m, plane, rows, LSSAR, BM)
     delta = tl.load(DELTA + pid_bh * Lq + offs_m, mask=rows, other=0.0)
+    r = _row_shift(SHIFT, pid_bh * Lq + offs_m, rows, HAS_SHIFT, BM)
     kb = K + b * skb + (h // G) * skh
     vb = V + b * svb + (h // G) * svh
     mask_ptr = MASK + b * smb + h * smh
@@ -272,7 +295,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
     gamma = tl.full([BM], 0.0, dtype=tl.float32)
     for n0 in range(k_lo, k_hi, BN):
         offs_n, kt, vis, sp, sig = _key_tile(q, kb, skn, n0, offs_m, offs_d, lo, hi, mask_ptr, smq, smk, Lq, Lk,
-                                             D, HAS_MASK, QK_PREC, EMULATE, BN)
+                                             r, D, HAS_MASK, QK_PREC, EMULATE, BN, HAS_SHIFT)
         vt = tl.load(vb + offs_n[None, :] * svn + offs_dv[:, None],
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV), other=0.0)
         gr = _dot(do, vt, V_PREC, EMULATE)
@@ -296,12 +319,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, MASK, SHIFT,
                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
                      srb, srh, smb, smh, smq, smk, Lq, Lk, HQ, G, p, floor,
                      LSSAR: tl.constexpr, HAS_MASK: tl.constexpr, QK_PREC: tl.constexpr,
                      V_PREC: tl.constexpr, G_PREC: tl.constexpr, EMULATE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                     BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                     BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     HAS_SHIFT: tl.constexpr):
     """dk, dv of one key block of one KV head, summed over its G query heads and all query blocks."""
     pid_n, pid_bk = tl.program_id(0), tl.program_id(1)
     hkv = HQ // G
@@ -336,7 +360,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV_, GAMMA, LO, HI, ALPHA, STATS, DELTA, M
                 agamma = tl.load(GAMMA + bh * Lq + offs_m, mask=rows, other=0.0)  # zeros for LSSA
                 # tiles are (BM, BN) as in the other kernels, built from transposed loads
                 vis = _visible(offs_m, offs_n, lo, hi, mask_ptr, smq, smk, Lq, Lk, HAS_MASK)
-                sp, sig = _softplus_sigmoid(tl.trans(_dot(k, qt, QK_PREC, EMULATE)))
+                s = tl.trans(_dot(k, qt, QK_PREC, EMULATE))
+                sp, sig = _softplus_sigmoid(s)
+                if HAS_SHIFT:
+                    sp, sig = _shifted(s, sp, sig, _row_shift(SHIFT, bh * Lq + offs_m, rows, HAS_SHIFT, BM))
                 sp = tl.where(vis, sp, 0.0)
                 sig = tl.where(vis, sig, 0.0)
                 gr = tl.trans(_dot(v, dot_, V_PREC, EMULATE))

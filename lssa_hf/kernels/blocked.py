@@ -15,6 +15,8 @@ Per row (c = log(d) log(N) is folded into the query, so s_j = <c q^, k^_j>):
          max N*A - 1 within rounding of zero; tied rows, or N = 0) fall back to LSSA weights sp_j
          (in backward: P = 1, scale = 1, no mean term).
   out = sum_j w_j v_j / W,  W = sum_j w_j.
+Rows whose scores all underflow softplus (``functional.underflow_shift``) take sp_j = exp(s_j - r) and
+sigmoid_j = sp_j, r their largest score: a second pass, run only when the first one finds such rows.
 Backward (g_j = <dout, v_j>, D = <dout, out>):
   LSSA : ds_j = (g_j - D) / S * sigmoid(s_j)
   LSSAR: h_j = (u_j)^(P-1) (g_j - D), coef = P / (W scale), Gamma = sum_j h_j,
@@ -26,12 +28,14 @@ Backward (g_j = <dout, v_j>, D = <dout, out>):
 
 from __future__ import annotations
 
+import collections
 import math
 import weakref
 
 import torch
 
-from ..functional import as_4d, grad_floor, scaled_unit_qk, tie_tolerance, visible_counts
+from ..functional import (FLAG_BELOW, as_4d, grad_floor, scaled_unit_qk, tie_tolerance, underflow_shift,
+                          visible_counts)
 from ..settings import DEFAULT_P
 
 # Elements per strip (all batches and heads together). 1M fp32 = 4 MiB per strip temporary, i.e.
@@ -153,19 +157,27 @@ def _softplus(s):
     return torch.relu(s) + torch.log1p(torch.exp(-s.abs()))
 
 
-def fwd_lssa(s):
+def _base(s, shift):
+    """softplus(s), or exp(s - r) on rows with an underflow shift r < 0 (``functional.underflow_shift``);
+    ``shift`` None: no row of the strip has one."""
+    if shift is None:
+        return _softplus(s)
+    return torch.where(shift < 0, torch.exp(s - shift), _softplus(s))
+
+
+def fwd_lssa(s, shift=None):
     """Softplus weights (in place: s is a strip temporary) and their row sum S."""
-    w = torch._C._nn.softplus(s, 1.0, 20.0, out=s)
+    w = torch._C._nn.softplus(s, 1.0, 20.0, out=s) if shift is None else _base(s, shift)
     return w, w.sum(-1, keepdim=True)
 
 
-def fwd_lssar(s, alpha, tie, p: float):
+def fwd_lssar(s, alpha, tie, p: float, shift=None):
     """Weights w = relu((sp - m) / scale)^p (sp on fallback rows), and W = sum w, m, 1/scale, fallback.
 
     alpha = [N > 3] / N, so m = alpha * S is the row mean (or 0); scale = max sp - m makes the
     largest weight 1. Fallback rows (max sp <= m * tie, tie = 1 + tie tolerance: max N*A - 1 within
     rounding of 0; tied rows, or N = 0) keep LSSA weights."""
-    sp = _softplus(s)
+    sp = _base(s, shift)
     m = alpha * sp.sum(-1, keepdim=True)
     top = sp.amax(-1, keepdim=True)
     fallback = top <= m * tie
@@ -175,27 +187,31 @@ def fwd_lssar(s, alpha, tie, p: float):
     return w, w.sum(-1, keepdim=True), m, inv_scale, fallback
 
 
-def _softplus_sigmoid(s):
-    """softplus(s) and sigmoid(s) from one exp(-|s|)."""
+def _softplus_sigmoid(s, shift=None):
+    """softplus(s) and sigmoid(s) from one exp(-|s|); on shifted rows both are exp(s - r) (the
+    weight base and its derivative, r a constant)."""
     e = torch.exp(-s.abs())
     sp = torch.relu(s) + torch.log1p(e)
     sig = torch.where(s >= 0, 1.0, e) / (1.0 + e)
+    if shift is not None:
+        shifted = torch.exp(s - shift)
+        sp, sig = torch.where(shift < 0, shifted, sp), torch.where(shift < 0, shifted, sig)
     return sp, sig
 
 
-def bwd_lssa(s, gr, delta):
+def bwd_lssa(s, gr, delta, shift=None):
     """Recomputed softplus weights and ds / (1/S): (g - D) * sigmoid(s)."""
-    sp, sig = _softplus_sigmoid(s)
+    sp, sig = _softplus_sigmoid(s, shift)
     return sp, (gr - delta) * sig
 
 
-def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, floor_u, p: float):
+def bwd_lssar(s, gr, delta, m, inv_scale, fallback, alpha, floor_u, p: float, shift=None):
     """Recomputed weights w and ds / coef with coef = P / (W scale) (1 / S on fallback rows).
 
     h = u^(P-1) (g - D); ds/coef = (h - alpha sum(h)) sigmoid(s): the alpha term is the gradient
     through the row mean m, shared by every visible score. With ``floor_u`` (a row value; None for
     the exact gradient) u^(P-1) becomes u^P / max(u, floor_u): the bounded gradient of half inputs."""
-    sp, sig = _softplus_sigmoid(s)
+    sp, sig = _softplus_sigmoid(s, shift)
     u = torch.relu((sp - m) * inv_scale)
     if floor_u is None:
         um1 = u.pow(p - 1.0)
@@ -223,9 +239,10 @@ def tie_rows(n, b, hkv, g, lq, dtype):
     return _rows((1.0 + tie_tolerance(n.to(dtype), dtype)).to(dtype), b, hkv, g, lq)
 
 
-def forward_strips(qs, k, v, mask4, n, variant, p, plan):
+def forward_strips(qs, k, v, mask4, n, variant, p, plan, shift=None):
     """out = LSSA/LSSAR(qs, k, v) where qs = c * unit(q), k = unit(k), in pure torch; and the
-    per-row statistics backward needs: LSSA S; LSSAR W, m, 1/scale, fallback (nstat, B, Hkv, G, Lq)."""
+    per-row statistics backward needs: LSSA S; LSSAR W, m, 1/scale, fallback (nstat, B, Hkv, G, Lq).
+    ``shift``: per-row underflow shifts (B, Hkv, G, Lq) from ``underflow_shifts``, or None."""
     b, hq, lq, d = qs.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = hq // hkv
@@ -246,10 +263,11 @@ def forward_strips(qs, k, v, mask4, n, variant, p, plan):
     for q0, q1, k0, k1, needs_mask in plan:
         bq = q1 - q0
         s, _ = _strip_scores(qs5, k, mask4, q0, q1, k0, k1, needs_mask, lq, lk, work)
+        r = _strip_shift(shift, rows, q0, q1)
         if variant == "lssa":
-            w, *row_stats = fwd_lssa(s)  # row_stats: S
+            w, *row_stats = fwd_lssa(s, r)  # row_stats: S
         else:  # row_stats: W, m, 1/scale, fallback
-            w, *row_stats = fwd_lssar(s, rows(alpha5, q0, q1), rows(tie5, q0, q1), p)
+            w, *row_stats = fwd_lssar(s, rows(alpha5, q0, q1), rows(tie5, q0, q1), p, r)
         del s
         o = torch.matmul(w, v[:, :, k0:k1])  # S apart: a ones column on v made this GEMM slower
         for i, x in enumerate(row_stats):
@@ -260,7 +278,7 @@ def forward_strips(qs, k, v, mask4, n, variant, p, plan):
     return out.view(b, hq, lq, dv), stats
 
 
-def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floor=0.0):
+def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floor=0.0, shift=None):
     """Gradients (dqs, dk, dv) of ``forward_strips``, recomputing each strip (pure torch);
     ``floor`` > 0 bounds the re-weighting gradient (``functional.grad_floor`` of the input dtype)."""
     b, hq, lq, d = qs.shape
@@ -288,15 +306,16 @@ def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floo
         # 0 on rows without visible keys: 1 / tiny times a large upstream gradient overflows to inf,
         # and inf * 0 (their weights) poisons dv with NaN
         inv_total = torch.where(total > 0, 1.0 / total.clamp_min(tiny), 0.0)
+        r = _strip_shift(shift, rows, q0, q1)
         if variant == "lssa":
-            w, ds = bwd_lssa(s, gr, rows(delta5, q0, q1))
+            w, ds = bwd_lssa(s, gr, rows(delta5, q0, q1), r)
             coef = inv_total
         else:
             m, inv_scale, fallback = rows(stats[1], q0, q1), rows(stats[2], q0, q1), rows(stats[3], q0, q1)
             fallback = fallback.bool()
             floor_u = floor * m * inv_scale if floor else None  # t = floor in units of u (0 if N <= 3)
             w, ds = bwd_lssar(s, gr, rows(delta5, q0, q1), m, inv_scale, fallback, rows(alpha5, q0, q1),
-                              floor_u, p)
+                              floor_u, p, r)
             coef = torch.where(fallback, 1.0, p * inv_scale) * inv_total
         del s, gr
         # per-row coefficients go on the small operands, not on the strip
@@ -307,6 +326,68 @@ def backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floo
                                                 (do * inv_total).flatten(0, 1))
         del w, ds
     return dq5.view(b, hq, lq, d), dk, dv_
+
+
+def _strip_shift(shift, rows, q0, q1):
+    """The strip's rows of ``shift``, or None where none of them is shifted (the common case)."""
+    if shift is None:
+        return None
+    r = rows(shift, q0, q1)
+    return r if bool((r < 0).any()) else None
+
+
+# ---- underflow shifts (functional.underflow_shift): found after a first pass, which is rarely needed
+
+# strip-kernel calls that needed a second pass, and the rows they shifted (all backends but the
+# materialised one and flex): tells whether a model's evaluation ever met the case
+underflow_counts: collections.Counter = collections.Counter()
+
+
+def flagged_rows(stats, n, variant):
+    """(B, Hkv, G, Lq) bool: rows with visible keys whose largest softplus score was below
+    ``functional.FLAG_BELOW`` in the first pass (from its statistics: LSSA S; LSSAR W, m, 1/scale, fallback)."""
+    b, hkv, g, lq = stats.shape[1:]
+    nr = _rows(n.to(stats.dtype), b, hkv, g, lq)
+    if variant == "lssa":  # max sp <= S
+        return (nr > 0) & (stats[0] < nr * FLAG_BELOW)
+    total, m, inv_scale, fallback = stats
+    top = m + 1.0 / inv_scale  # scale = max sp - m on rows with re-weighted mass
+    return (nr > 0) & torch.where(fallback > 0, total < nr * FLAG_BELOW, top < FLAG_BELOW)
+
+
+def mask_visibility(mask4, lq: int, lk: int):
+    """visibility(b, heads, rows) -> (R, Lk) bool of query rows ``rows`` (query heads ``heads``) of
+    batch ``b``, from a (Bm, Hm, Lq, Lk) mask, or None: causal with queries aligned to the last keys."""
+    def visibility(bi, heads, qr):
+        if mask4 is None:
+            return torch.arange(lk, device=qr.device)[None, :] <= (qr + (lk - lq))[:, None]
+        heads = heads if mask4.shape[1] > 1 else torch.zeros_like(heads)
+        return mask4[bi if mask4.shape[0] > 1 else 0][heads, qr]
+    return visibility
+
+
+def underflow_shifts(qs, k, flagged, visibility, budget: int = DEFAULT_BUDGET):
+    """Per-row shifts (B, Hkv, G, Lq): ``functional.underflow_shift`` of the largest visible score of
+    each flagged row, 0 elsewhere; None if no row needs one. Scores of the flagged rows only, in chunks
+    of ``budget`` elements; ``visibility`` as from ``mask_visibility``."""
+    b, hq, lq, d = qs.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    shift = qs.new_zeros(b, hkv, g, lq)
+    qs5 = qs.view(b, hkv, g, lq, d)
+    step = max(1, budget // max(1, lk))
+    for bi, hi in flagged.any(-1).any(-1).nonzero().tolist():
+        gi, qi = flagged[bi, hi].nonzero(as_tuple=True)
+        for c0 in range(0, gi.numel(), step):
+            gc, qc = gi[c0:c0 + step], qi[c0:c0 + step]
+            s = qs5[bi, hi, gc, qc] @ k[bi, hi].transpose(0, 1)  # (rows, Lk)
+            visible = visibility(bi, hi * g + gc, qc)
+            shift[bi, hi, gc, qc] = underflow_shift(torch.where(visible, s, -math.inf).amax(-1))
+    rows = int((shift < 0).sum())
+    if rows:
+        underflow_counts["calls"] += 1
+        underflow_counts["rows"] += rows
+    return shift if rows else None
 
 
 def _rows(n, b, hkv, g, lq):

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..functional import as_4d, scaled_unit_qk, tie_tolerance, visible_counts
+from ..functional import SHIFT_BELOW, as_4d, scaled_unit_qk, tie_tolerance, underflow_shift, visible_counts
 from ..settings import DEFAULT_P
 
 try:
@@ -70,7 +70,14 @@ def _flex():
 
 
 def _log_softplus(x):
-    return torch.log(torch.relu(x) + torch.log1p(torch.exp(-x.abs())))
+    """log softplus(x); x itself below SHIFT_BELOW, where softplus(x) = e^x to rounding and would
+    underflow (flex's own softmax then subtracts the row max: functional.underflow_shift for free)."""
+    sp_log = torch.log(torch.relu(x) + torch.log1p(torch.exp(-x.abs())))
+    # a literal: a module-level float is traced as an unbacked SymFloat, which CPU flex cannot lower
+    return torch.where(x < -40.0, x, sp_log)
+
+
+assert SHIFT_BELOW == -40.0, "keep _log_softplus's literal equal to functional.SHIFT_BELOW"
 
 
 def _block_mask(mask, b, hq, lq, lk, device):
@@ -126,13 +133,17 @@ def run(query, key, value, mask, *, variant: str, p: float, temperature, grad: b
         out, aux = flex(qs, k, v, score_mod=lssa_mod, block_mask=block_mask, scale=1.0,
                         enable_gqa=hq != hkv, return_aux=AuxRequest(lse=True, max_scores=True))
         with torch.no_grad():
-            mu = torch.where(n > 3, torch.exp(aux.lse.to(dtype)) / n.clamp_min(1), 0.0).contiguous()
+            # rows whose scores underflow softplus work in units of e^shift (functional.underflow_shift)
+            shift = underflow_shift(aux.max_scores.to(dtype)).contiguous()
+            mu = torch.where(n > 3, torch.exp(aux.lse.to(dtype) - shift) / n.clamp_min(1), 0.0).contiguous()
             # max_scores is max_j log(sp_j): a row has mass only above the tie threshold
-            tied = torch.exp(aux.max_scores.to(dtype)) <= mu * (1.0 + tie_tolerance(n, dtype))
+            tied = torch.exp(aux.max_scores.to(dtype) - shift) <= mu * (1.0 + tie_tolerance(n, dtype))
         power = float(p)
 
         def lssar_mod(score, bi, hi, qi, ki):
-            x = torch.relu(score) + torch.log1p(torch.exp(-score.abs())) - mu[bi, hi, qi]
+            r = shift[bi, hi, qi]
+            sp = torch.relu(score) + torch.log1p(torch.exp(-score.abs()))
+            x = torch.where(r < 0, torch.exp(_log_softplus(score) - r), sp) - mu[bi, hi, qi]
             return torch.where(x > 0, power * torch.log(torch.where(x > 0, x, 1.0)), -math.inf)
 
         out2, aux2 = flex(qs, k, v, score_mod=lssar_mod, block_mask=block_mask, scale=1.0,

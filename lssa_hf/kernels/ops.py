@@ -75,14 +75,29 @@ def _strips_fwd(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n: Tensor
     mask4, plan = _prepare(qs, k, mask, block_q, budget)
     mod = _native(qs, impl)
     if mod is None:
-        return blocked.forward_strips(qs, k, v, mask4, n, variant, p, plan)
-    b, hq, lq, _ = qs.shape
-    hkv = k.shape[1]
-    alpha = blocked.alpha_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
-    tie = blocked.tie_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
-    out, stats = mod.forward(qs, k, v, mask4, alpha, tie, _plan_tensor(plan), variant == "lssar", p,
-                             native.Q_BLOCK, native.K_BLOCK)
-    return out, stats
+        def run(shift):
+            return blocked.forward_strips(qs, k, v, mask4, n, variant, p, plan, shift)
+    else:
+        b, hq, lq, _ = qs.shape
+        hkv = k.shape[1]
+        alpha = blocked.alpha_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
+        tie = blocked.tie_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
+        plan_t = _plan_tensor(plan)
+
+        def run(shift):
+            return mod.forward(qs, k, v, mask4, alpha, tie, plan_t, variant == "lssar", p,
+                               native.Q_BLOCK, native.K_BLOCK, shift)
+    out, stats = run(None)
+    # rows whose scores all underflow softplus: rerun with their shifts (rare: tau log(d) log(N) > 45)
+    flagged = blocked.flagged_rows(stats, n, variant)
+    shift = None
+    if bool(flagged.any()):
+        shift = blocked.underflow_shifts(qs, k, flagged, blocked.mask_visibility(mask4, qs.shape[2], k.shape[2]))
+    if shift is None:
+        shift = stats.new_zeros(stats.shape[1:])
+    else:
+        out, stats = run(shift)
+    return out, torch.cat([stats, shift[None]])  # the shifts travel to backward as a last statistic
 
 
 strips_fwd = torch.library.custom_op("lssa_hf::strips_fwd", _strips_fwd, mutates_args=())
@@ -92,7 +107,7 @@ strips_fwd = torch.library.custom_op("lssa_hf::strips_fwd", _strips_fwd, mutates
 def _(qs, k, v, mask, n, variant, p, floor, block_q, budget, impl):
     b, hq, lq, _ = qs.shape
     hkv = k.shape[1]
-    nstat = 1 if variant == "lssa" else 4
+    nstat = 2 if variant == "lssa" else 5  # + the underflow shifts
     return qs.new_empty((b, hq, lq, v.shape[-1])), qs.new_empty((nstat, b, hkv, hq // hkv, lq))
 
 
@@ -103,13 +118,15 @@ def _strips_bwd(dout: Tensor, qs: Tensor, k: Tensor, v: Tensor, out: Tensor, sta
     mask4, plan = _prepare(qs, k, mask, block_q, budget)
     mod = _native(qs, impl)
     dout = dout.to(qs.dtype).contiguous()
+    stats, shift = stats[:-1], stats[-1]
+    shift = shift.contiguous() if bool((shift < 0).any()) else None
     if mod is None:
-        return blocked.backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floor)
+        return blocked.backward_strips(dout, qs, k, v, out, stats, mask4, n, variant, p, plan, floor, shift)
     b, hq, lq, _ = qs.shape
     hkv = k.shape[1]
     alpha = blocked.alpha_rows(n, b, hkv, hq // hkv, lq, qs.dtype)
-    dq, dk, dv = mod.backward(dout, qs, k, v, out, stats, mask4, alpha, _plan_tensor(plan), variant == "lssar", p,
-                              floor, native.Q_BLOCK, native.K_BLOCK)
+    dq, dk, dv = mod.backward(dout, qs, k, v, out, stats.contiguous(), mask4, alpha, _plan_tensor(plan),
+                              variant == "lssar", p, floor, native.Q_BLOCK, native.K_BLOCK, shift)
     return dq, dk, dv
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..functional import DEFAULT_P, TIE_TERMS, TIE_ULPS, as_4d, grad_floor, scaled_unit_qk
+from . import blocked
 
 PREC = {"fp32": 0, "tf32": 1, "fp16": 2, "bf16": 3, "tf32x3": 4}
 STORAGE = {0: torch.float32, 1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.float32}
@@ -206,7 +207,7 @@ class TritonLSSA(torch.autograd.Function):
     """out = LSSA/LSSAR(qs, k, v) with qs = c q^ and k = k^ (fp32); grads for qs, k, v."""
 
     @staticmethod
-    def forward(ctx, qs, k, v, lo, hi, alpha, mask4, variant, p, precision, floor):
+    def forward(ctx, qs, k, v, lo, hi, n, alpha, mask4, variant, p, precision, floor):
         b, hq, lq, d = qs.shape
         hkv, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
         interpret = qs.device.type == "cpu" or interpreting()
@@ -223,11 +224,19 @@ class TritonLSSA(torch.autograd.Function):
         if not interpret:
             meta["num_warps"] = 8 if d > 64 else 4
         margs = _mask_args(mask4, lo)
-        _launch("fwd", mod._fwd_kernel, (triton_cdiv(lq, bm), b * hq),
-                q_in, k_in, v_in, out, lo, hi, alpha, stats, margs[0],
-                *q_in.stride()[:3], *k_in.stride()[:3], *v_in.stride()[:3], *out.stride()[:3],
-                *_row_strides(lo), *margs[1:], lq, lk, hq, hq // hkv, float(p),
-                TIE_ULPS * torch.finfo(torch.float32).eps, float(TIE_TERMS), **meta)
+
+        def run(shift):
+            _launch("fwd", mod._fwd_kernel, (triton_cdiv(lq, bm), b * hq),
+                    q_in, k_in, v_in, out, lo, hi, alpha, stats, margs[0], alpha if shift is None else shift,
+                    *q_in.stride()[:3], *k_in.stride()[:3], *v_in.stride()[:3], *out.stride()[:3],
+                    *_row_strides(lo), *margs[1:], lq, lk, hq, hq // hkv, float(p),
+                    TIE_ULPS * torch.finfo(torch.float32).eps, float(TIE_TERMS), HAS_SHIFT=shift is not None, **meta)
+        run(None)
+        # rows whose scores all underflow softplus: rerun with their shifts (blocked.flagged_rows)
+        shift = _underflow_shifts(qs, k, stats, lo, hi, n, mask4, variant)
+        if shift is not None:
+            run(shift)
+        ctx.shift = shift
         ctx.save_for_backward(q_in, k_in, v_in, out, stats, lo, hi, alpha,
                               *([mask4] if mask4 is not None else []))
         ctx.meta, ctx.interpret, ctx.p, ctx.has_mask = meta, interpret, float(p), mask4 is not None
@@ -253,12 +262,34 @@ class TritonLSSA(torch.autograd.Function):
         margs = _mask_args(mask4, lo)
         strides = (*q_in.stride()[:3], *k_in.stride()[:3], *v_in.stride()[:3], *do_in.stride()[:3])
         tail = (*_row_strides(lo), *margs[1:], lq, lk, hq, hq // hkv, ctx.p, ctx.floor)
+        shift = alpha if ctx.shift is None else ctx.shift
+        meta["HAS_SHIFT"] = ctx.shift is not None
         _launch("bwd_dq", mod._bwd_dq_kernel, (triton_cdiv(lq, meta["BM"]), b * hq),
-                q_in, k_in, v_in, do_in, dq, gamma, lo, hi, alpha, stats, delta, margs[0], *strides, *tail, **meta)
+                q_in, k_in, v_in, do_in, dq, gamma, lo, hi, alpha, stats, delta, margs[0], shift, *strides, *tail,
+                **meta)
         _launch("bwd_dkdv", mod._bwd_dkdv_kernel, (triton_cdiv(lk, meta["BN"]), b * hkv),
-                q_in, k_in, v_in, do_in, dk, dv_, gamma, lo, hi, alpha, stats, delta, margs[0],
+                q_in, k_in, v_in, do_in, dk, dv_, gamma, lo, hi, alpha, stats, delta, margs[0], shift,
                 *strides, *tail, **meta)
-        return dq, dk, dv_.to(ctx.v_dtype), None, None, None, None, None, None, None, None
+        return dq, dk, dv_.to(ctx.v_dtype), None, None, None, None, None, None, None, None, None
+
+
+def _underflow_shifts(qs, k, stats, lo, hi, n, mask4, variant):
+    """(B*Hq, Lq) shifts of the rows the first forward pass found underflowing, or None (the usual case)."""
+    b, hq, lq, _ = qs.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    stats5 = stats.view(stats.shape[0], b, hkv, hq // hkv, lq)
+    flagged = blocked.flagged_rows(stats5, n, variant)
+    if not bool(flagged.any()):
+        return None
+    in_mask = blocked.mask_visibility(mask4, lq, lk) if mask4 is not None else None
+
+    def visibility(bi, heads, qr):  # inside the row's span [lo, hi), and the mask where one is given
+        rows = (bi if lo.shape[0] > 1 else 0, heads if lo.shape[1] > 1 else torch.zeros_like(heads), qr)
+        j = torch.arange(lk, device=qr.device)[None, :]
+        vis = (j >= lo[rows][:, None]) & (j < hi[rows][:, None])
+        return vis if in_mask is None else vis & in_mask(bi, heads, qr)
+    shift = blocked.underflow_shifts(qs.float(), k.float(), flagged, visibility)
+    return None if shift is None else shift.view(b * hq, lq).contiguous()
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -310,6 +341,6 @@ def triton_attention(query, key, value, mask=None, *, variant: str = "lssa", p: 
         precision = PRECISION[query.dtype]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, value)):
             precision = (precision[0], TRAIN_OUT, *precision[2:])
-    out = TritonLSSA.apply(qs, k, value, lo, hi, alpha, mask4, variant, float(p), precision,
+    out = TritonLSSA.apply(qs, k, value, lo, hi, n, alpha, mask4, variant, float(p), precision,
                            grad_floor(float(p), query.dtype))
     return out.to(query.dtype)

@@ -9,7 +9,8 @@
 //
 // fp32: log1p(e) on 0 <= e <= 1 is e * P(e), P the degree-9 polynomial LOG1P_RATIO of blocked.py
 // (max relative error 5e-9); exp / log are Sleef's 1-ulp vector functions. fp64 uses Sleef log1p.
-// Masked scores carry exactly zero weight and gradient; NaN scores stay NaN.
+// Masked scores carry exactly zero weight and gradient; NaN scores stay NaN. Rows whose scores all
+// underflow softplus get exp(s - r) for softplus and sigmoid (``base``): the second pass of ops.strips.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -63,6 +64,24 @@ inline Vectorized<T> sigmoid(const Vectorized<T>& s, const Vectorized<T>& e) {
   const Vectorized<T> one(T(1));
   const Vectorized<T> num = Vectorized<T>::blendv(e, one, s >= Vectorized<T>(T(0)));
   return num / (one + e);
+}
+
+// The weight base of a score: softplus(s), with e = exp(-|s|) for the sigmoid; on a shifted row (r < 0:
+// every score underflows softplus, functional.underflow_shift) exp(s - r), which is also its derivative
+// (r is a row constant). The branch is per row.
+template <typename T, bool fast = false>
+inline Vectorized<T> base(const Vectorized<T>& s, Vectorized<T>& e, T r) {
+  if (r < T(0)) {
+    e = (s - Vectorized<T>(r)).exp();
+    return e;
+  }
+  return softplus<T, fast>(s, e);
+}
+
+// d base / ds from the e of ``base``
+template <typename T>
+inline Vectorized<T> dbase(const Vectorized<T>& s, const Vectorized<T>& e, T r) {
+  return r < T(0) ? e : sigmoid(s, e);
 }
 
 // u^q for 0 <= u <= 1 and q > 0; 0 where u = 0. Integer q (LSSAR's usual 15, 5) by repeated
@@ -162,13 +181,13 @@ void zero_tail(T* x, int64_t from, int64_t w) {
   std::fill(x + from, x + w, T(0));
 }
 
-// LSSA forward row: x <- softplus(x), returns S.
+// LSSA forward row: x <- softplus(x) (exp(x - r) on a shifted row), returns S.
 template <typename T>
-T fwd_lssa_row(T* x, int64_t w) {
+T fwd_lssa_row(T* x, int64_t w, T r) {
   using V = Vectorized<T>;
   V acc(T(0)), e;
   for_vec<T>(w, [&](int64_t j, int64_t n) {
-    const V sp = head(softplus<T, true>(V::loadu(x + j, n), e), n);
+    const V sp = head(base<T, true>(V::loadu(x + j, n), e, r), n);
     sp.store(x + j, n);
     acc = acc + sp;
   });
@@ -178,11 +197,11 @@ T fwd_lssa_row(T* x, int64_t w) {
 // LSSAR forward row: x <- weights; writes W, m, 1/scale, fallback (blocked.fwd_lssar). tie = 1 +
 // the row's tie tolerance: a largest score within rounding of the mean is no re-weighted mass.
 template <typename T>
-void fwd_lssar_row(T* x, int64_t w, T alpha, T tie, const Power<T>& pow_p, T* st) {
+void fwd_lssar_row(T* x, int64_t w, T alpha, T tie, const Power<T>& pow_p, T* st, T r) {
   using V = Vectorized<T>;
   V sum(T(0)), top(T(0)), e;
   for_vec<T>(w, [&](int64_t j, int64_t n) {
-    const V sp = head(softplus(V::loadu(x + j, n), e), n);
+    const V sp = head(base(V::loadu(x + j, n), e, r), n);
     sp.store(x + j, n);
     sum = sum + sp;
     top = at::vec::maximum(top, sp);
@@ -207,15 +226,15 @@ void fwd_lssar_row(T* x, int64_t w, T alpha, T tie, const Power<T>& pow_p, T* st
 
 // LSSA backward row: x <- softplus(x) (the weights), gr <- (gr - D) sigmoid(x).
 template <typename T>
-void bwd_lssa_row(T* x, T* gr, int64_t w, T delta) {
+void bwd_lssa_row(T* x, T* gr, int64_t w, T delta, T r) {
   using V = Vectorized<T>;
   const V vd(delta);
   V e;
   for_vec<T>(w, [&](int64_t j, int64_t n) {
     const V s = V::loadu(x + j, n);
-    const V sp = softplus(s, e);
+    const V sp = base(s, e, r);
     sp.store(x + j, n);
-    ((V::loadu(gr + j, n) - vd) * sigmoid(s, e)).store(gr + j, n);
+    ((V::loadu(gr + j, n) - vd) * dbase(s, e, r)).store(gr + j, n);
   });
 }
 
@@ -224,14 +243,14 @@ void bwd_lssa_row(T* x, T* gr, int64_t w, T delta) {
 // gradient: u^(p-1) becomes u^p / max(u, floor_u) (blocked.bwd_lssar).
 template <typename T>
 void bwd_lssar_row(T* x, T* gr, T* sig, int64_t w, T delta, T m, T inv_scale, T alpha, T floor_u,
-                   const Power<T>& pow_p, const Power<T>& pow_pm1) {
+                   const Power<T>& pow_p, const Power<T>& pow_pm1, T r) {
   using V = Vectorized<T>;
   const V vd(delta), vm(m), vinv(inv_scale), zero(T(0));
   V hsum(T(0)), e;
   for_vec<T>(w, [&](int64_t j, int64_t n) {
     const V s = V::loadu(x + j, n);
-    const V sp = softplus(s, e);
-    const V sg = sigmoid(s, e);
+    const V sp = base(s, e, r);
+    const V sg = dbase(s, e, r);
     const V u = at::vec::maximum((sp - vm) * vinv, zero);
     V um1;
     if (floor_u > T(0)) {  // u^p / max(u, floor_u), zero where u = 0 (relu'(0) = 0)
@@ -263,6 +282,20 @@ void scale_row(T* dst, const T* src, int64_t n, T c, bool accumulate) {
     if (accumulate) x = x + V::loadu(dst + j, m);
     x.store(dst + j, m);
   });
+}
+
+// a row's underflow shift (0: none) from the optional (B, Hkv, G, Lq) shifts
+template <typename T>
+inline T shift_at(const T* shp, int64_t row) {
+  return shp == nullptr ? T(0) : shp[row];
+}
+
+template <typename T>
+const T* shift_ptr(const c10::optional<at::Tensor>& shift) {
+  if (!shift.has_value()) return nullptr;
+  TORCH_CHECK(shift->is_contiguous() && shift->scalar_type() == c10::CppTypeToScalarType<T>::value,
+              "lssa native strips: shift must be a contiguous (B, Hkv, G, Lq) tensor of the inputs' dtype");
+  return shift->data_ptr<T>();
 }
 
 Strip make_strip(const at::Tensor& k, const c10::optional<at::Tensor>& mask, int64_t b, int64_t hkv,
@@ -362,8 +395,8 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
 // q k^T (a q_block x k_block buffer that stays in cache), softplus in place, acc += S_tile v; then
 // out = acc / S. Key tiles past the block's causal cut are skipped.
 template <typename T>
-void lssa_forward_fused(const Strip& st, const T* qp, const T* kp, const T* vp, int64_t d, int64_t dv,
-                        T* stp, T* op, T tiny, int64_t q_block, int64_t k_block) {
+void lssa_forward_fused(const Strip& st, const T* qp, const T* kp, const T* vp, const T* shp, int64_t d,
+                        int64_t dv, T* stp, T* op, T tiny, int64_t q_block, int64_t k_block) {
   const int64_t bq = st.bq(), qb = std::min(q_block, bq), kb = std::min(k_block, st.width());
   const int64_t nqb = (bq + qb - 1) / qb, heads = st.b * st.hkv * st.g;
   at::parallel_for(0, heads * nqb, 1, [&](int64_t t0, int64_t t1) {
@@ -385,7 +418,7 @@ void lssa_forward_fused(const Strip& st, const T* qp, const T* kp, const T* vp, 
           const int64_t vis = st.visible_at(r0 + i, k0, w);
           st.apply_mask_at(bhg, st.q0 + r0 + i, k0, x, vis);
           zero_tail(x, vis, w);
-          total[i] += fwd_lssa_row(x, vis);
+          total[i] += fwd_lssa_row(x, vis, shift_at(shp, bhg * st.lq + st.q0 + r0 + i));
         }
         gemm_rm<T>(false, false, rn, dv, w, s.data(), w, vv + k0 * dv, dv, T(1), acc.data(), dv);
       }
@@ -404,8 +437,8 @@ void lssa_forward_fused(const Strip& st, const T* qp, const T* kp, const T* vp, 
 // dk += dS^T (q / S), dq += dS k / S. Needs as many (batch, KV head) pairs as threads.
 template <typename T>
 void lssa_backward_fused(const Strip& st, const T* qp, const T* kp, const T* vp, const T* dop, const T* total,
-                         const T* dl, int64_t d, int64_t dv, T* dqp, T* dkp, T* dvp, int64_t q_block,
-                         int64_t k_block) {
+                         const T* dl, const T* shp, int64_t d, int64_t dv, T* dqp, T* dkp, T* dvp,
+                         int64_t q_block, int64_t k_block) {
   const int64_t bq = st.bq(), qb = std::min(q_block, bq), kb = std::min(k_block, st.width());
   at::parallel_for(0, st.b * st.hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> s(qb * kb), gr(qb * kb), dq(qb * d), qc(qb * d), doc(qb * dv), coef(qb);
@@ -434,7 +467,7 @@ void lssa_backward_fused(const Strip& st, const T* qp, const T* kp, const T* vp,
               st.apply_mask_at(bhg, st.q0 + r0 + i, k0, x, vis);
               zero_tail(x, vis, w);
               zero_tail(gx, vis, w);
-              bwd_lssa_row(x, gx, vis, dl[row0 + i]);
+              bwd_lssa_row(x, gx, vis, dl[row0 + i], shift_at(shp, row0 + i));
             }
             gemm_rm<T>(true, false, w, dv, rn, s.data(), w, doc.data(), dv, T(1), dvv + k0 * dv, dv);
             gemm_rm<T>(true, false, w, d, rn, gr.data(), w, qc.data(), d, T(1), dk + k0 * d, d);
@@ -452,7 +485,7 @@ void lssa_backward_fused(const Strip& st, const T* qp, const T* kp, const T* vp,
 std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& mask, const at::Tensor& alpha,
                                 const at::Tensor& tie, const at::Tensor& plan, bool lssar, double p,
-                                int64_t q_block, int64_t k_block) {
+                                int64_t q_block, int64_t k_block, const c10::optional<at::Tensor>& shift) {
   check_inputs(qs, k, v, mask, plan);
   const int64_t b = qs.size(0), hq = qs.size(1), lq = qs.size(2), d = qs.size(3);
   const int64_t hkv = k.size(1), dv = v.size(3), g = hq / hkv;
@@ -475,12 +508,13 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
     const scalar_t* al = alpha.data_ptr<scalar_t>();
     const scalar_t* ti = tie.data_ptr<scalar_t>();
     const Power<scalar_t> pow_p((scalar_t)p);
+    const scalar_t* shp = shift_ptr<scalar_t>(shift);
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
       const int64_t w = st.width();
       if (fused) {
-        lssa_forward_fused(st, qs.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), d, dv,
-                           stp, op, (scalar_t)tiny, q_block, k_block);
+        lssa_forward_fused(st, qs.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shp, d,
+                           dv, stp, op, (scalar_t)tiny, q_block, k_block);
         continue;
       }
       auto s = work.narrow(0, 0, st.rows() * w).view({b, hkv, g * st.bq(), w});
@@ -495,10 +529,10 @@ std::vector<at::Tensor> forward(const at::Tensor& qs, const at::Tensor& k, const
           zero_tail(x, vis, w);
           if (lssar) {
             scalar_t row_st[4];
-            fwd_lssar_row(x, vis, al[gr], ti[gr], pow_p, row_st);
+            fwd_lssar_row(x, vis, al[gr], ti[gr], pow_p, row_st, shift_at(shp, gr));
             for (int c = 0; c < 4; ++c) stp[c * plane + gr] = row_st[c];
           } else {
-            stp[gr] = fwd_lssa_row(x, vis);
+            stp[gr] = fwd_lssa_row(x, vis, shift_at(shp, gr));
           }
         }
       });
@@ -520,7 +554,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& stats,
                                  const c10::optional<at::Tensor>& mask, const at::Tensor& alpha,
                                  const at::Tensor& plan, bool lssar, double p, double floor, int64_t q_block,
-                                 int64_t k_block) {
+                                 int64_t k_block, const c10::optional<at::Tensor>& shift) {
   check_inputs(qs, k, v, mask, plan);
   const int64_t b = qs.size(0), hq = qs.size(1), lq = qs.size(2), d = qs.size(3);
   const int64_t hkv = k.size(1), dv = v.size(3), g = hq / hkv;
@@ -544,11 +578,12 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
     const scalar_t* dl = delta.data_ptr<scalar_t>();
     scalar_t* dqp = dq5.data_ptr<scalar_t>();
     const Power<scalar_t> pow_p((scalar_t)p), pow_pm1((scalar_t)(p - 1.0));
+    const scalar_t* shp = shift_ptr<scalar_t>(shift);
     for (int64_t i = 0; i < nplan; ++i) {
       const Strip st = make_strip(k, mask, b, hkv, g, lq, pl + 5 * i);
       if (fused) {
         lssa_backward_fused(st, qs.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                            dout5.data_ptr<scalar_t>(), stp, dl, d, dv, dqp, dk.data_ptr<scalar_t>(),
+                            dout5.data_ptr<scalar_t>(), stp, dl, shp, d, dv, dqp, dk.data_ptr<scalar_t>(),
                             dvv.data_ptr<scalar_t>(), q_block, k_block);
         continue;
       }
@@ -573,9 +608,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qs, c
           if (lssar && stp[3 * plane + gi] == scalar_t(0)) {
             const scalar_t m = stp[plane + gi], inv_scale = stp[2 * plane + gi];
             bwd_lssar_row(x, gx, scratch.data(), vis, dl[gi], m, inv_scale, al[gi],
-                          (scalar_t)(floor * m * inv_scale), pow_p, pow_pm1);
+                          (scalar_t)(floor * m * inv_scale), pow_p, pow_pm1, shift_at(shp, gi));
           } else {  // LSSA, or an LSSAR fallback row (LSSA weights)
-            bwd_lssa_row(x, gx, vis, dl[gi]);
+            bwd_lssa_row(x, gx, vis, dl[gi], shift_at(shp, gi));
           }
         }
       });
