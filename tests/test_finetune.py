@@ -1,6 +1,7 @@
 """LoRA adaptation recipe on tiny random models with a tiny BPE tokenizer and real text (CPU)."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -130,6 +131,22 @@ def test_learned_temperatures_train_save_and_reload_everywhere(checkpoint, tmp_p
 
     lm = LSSAHFLM(pretrained=str(tmp_path / "merged"), device="cpu")
     torch.testing.assert_close(temperatures(lm.model), tau)
+
+
+def test_the_recipe_default_hybrid_with_yarn_warm_starts_trains_and_merges(checkpoint, tmp_path):
+    """The recipe's default (LSSAR + YaRN x2, softmax kept in some layers, learned temperatures) through
+    the warm start, training and merge: the adapter and the merged checkpoint reload all of it."""
+    cfg = config(checkpoint, tmp_path, attention="lssar", p=5.0, rope="yarn:2", softmax_layers=[0],
+                 head_temperature=True, merge=True, warm_start=True, warm_start_steps=2, max_steps=2)
+    model, tokenizer, result = adapt(cfg)
+    assert all(math.isfinite(mse) for mse in result["warm_start"]["layer_mse_after"])
+    _, valid = build_datasets(cfg, tokenizer)
+    want = logits(model, valid)
+    for reloaded in (load_adapted(tmp_path, merge=False)[0], lssa_hf.from_pretrained(tmp_path / "merged")):
+        base = lssa_hf.patching.base_model(reloaded)
+        assert lssa_hf.settings_of(base).softmax_layers == (0,) and lssa_hf.settings_of(base).head_temperature
+        assert base.config.rope_parameters["rope_type"] == "yarn" and base.config.rope_parameters["factor"] == 2
+        torch.testing.assert_close(logits(reloaded, valid), want, rtol=1e-4, atol=1e-4)
 
 
 def test_extrapolate_evaluates_a_finetune_output_folder(checkpoint, tmp_path):
@@ -370,7 +387,10 @@ def test_recipe_default_runs_the_softmax_baseline_without_temperatures():
     recipe = ROOT / "recipes" / "adapt" / "configs" / "smollm2.yaml"
     lssar = FinetuneConfig.from_yaml(recipe)
     assert lssar.attention == "lssar" and lssar.head_temperature
-    assert not FinetuneConfig.from_yaml(recipe, attention="softmax").head_temperature  # softmax: no length scale
+    # the best LSSAR recipe of the baselines table: YaRN x2 composed, softmax kept in layers 0-3
+    assert lssar.rope == "yarn:2" and lssar.softmax_layers == [0, 1, 2, 3]
+    softmax = FinetuneConfig.from_yaml(recipe, attention="softmax")
+    assert not softmax.head_temperature and softmax.rope == "yarn:2"  # the fair baseline: softmax + YaRN x2 + LoRA
 
 
 def test_table_rows_with_yarn_and_lssar_plus_yarn_past_the_window(checkpoint, tmp_path):
