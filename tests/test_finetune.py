@@ -107,6 +107,25 @@ def test_warm_start_lowers_the_per_layer_attention_mse(checkpoint, tmp_path):
     assert any(".v_proj." in k and v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)  # then all
 
 
+def test_warm_start_on_a_hybrid_with_yarn_trains_only_the_lssa_layers(checkpoint, tmp_path):
+    """The table's warm-start row: YaRN teacher, softmax kept in layer 0. That layer is its own teacher
+    (MSE 0, its q/k LoRA stays zero); layer 1 learns; the rope and the hybrid survive the reload."""
+    cfg = config(checkpoint, tmp_path, attention="lssar", p=5.0, rope="yarn:2", softmax_layers=[0],
+                 head_temperature=True, warm_start=True, warm_start_steps=8, warm_start_lr=2e-2, max_steps=2)
+    result = finetune(cfg)["warm_start"]
+    before, after = result["layer_mse_before"], result["layer_mse_after"]
+    assert before[0] == 0.0 and after[0] == 0.0 and 0 < after[1] < before[1]
+    from safetensors.torch import load_file
+
+    warm = load_file(tmp_path / "warm_start" / "adapter" / "adapter_model.safetensors")
+    moved = {k for k, v in warm.items() if "lora_B" in k and v.abs().sum() > 0}
+    assert moved and all(".layers.1." in k for k in moved)
+    model, _ = load_adapted(tmp_path, merge=False)
+    settings = lssa_hf.settings_of(lssa_hf.patching.base_model(model))
+    assert tuple(settings.softmax_layers) == (0,) and settings.p == 5.0
+    assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.rope_parameters["factor"] == 2.0
+
+
 def test_learned_temperatures_train_save_and_reload_everywhere(checkpoint, tmp_path):
     """head_temperature: the warm start and LoRA move tau at its own learning rate, and the adapter,
     the merged checkpoint and the lm-eval model type all reload the learned values."""
