@@ -449,3 +449,33 @@ def test_table_rows_with_yarn_and_lssar_plus_yarn_past_the_window(checkpoint, tm
         model, _ = load_adapted(folder)
         assert rope_of(model) == rope_type
         assert lssa_hf.settings_of(model) is None if attention == "softmax" else lssa_hf.settings_of(model).variant == attention
+
+
+def scripted_rows(line: list[str]) -> list[str]:
+    """Row names one command of a run script passes: after ``--rows``, or after run_table_parts.sh's config."""
+    parts = [i for i, word in enumerate(line) if word.endswith("run_table_parts.sh")]
+    if parts:
+        return [word for word in line[parts[0] + 2:] if word != "--"]
+    rows = line[line.index("--rows") + 1:] if "--rows" in line else []
+    return rows[:next((i for i, word in enumerate(rows) if word.startswith("-")), len(rows))]
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "recipes" / "adapt").glob("run_*.sh")), ids=lambda p: p.name)
+def test_run_scripts_name_rows_their_configs_have(script):
+    """A row name mistyped in a run script would only fail hours into a background run."""
+    import shlex
+
+    from lssa_hf.finetune.table import TableConfig, row_configs
+
+    lines = [shlex.split(line, comments=True) for line in script.read_text().replace("\\\n", " ").splitlines()]
+    configs = {word.split("=")[-1] for line in lines for word in line if word.endswith(".yaml")}
+    if not configs:
+        pytest.skip(f"{script.name} is generic: it names no table config")
+    tables = [TableConfig.from_yaml(ROOT / c) for c in configs]
+    for table in tables:
+        for row in table.rows:
+            if row.get("train", True):
+                row_configs(table, row)  # every trained row is a valid FinetuneConfig
+    names = {row["name"] for table in tables for row in table.rows}
+    missing = [row for line in lines for row in scripted_rows(line) if row not in names]
+    assert not missing, f"{script.name} names rows its config lacks: {missing}"

@@ -7,4 +7,6 @@ exec bash recipes/adapt/run_table_parts.sh recipes/adapt/configs/table-baselines
   "LSSAR p=5 + YaRN x4 + LoRA" "LSSAR p=5 + YaRN x2 + LoRA + softmax layers 0-3" -- \
   "softmax + YaRN x2 (no training)" "softmax + YaRN x2 + LoRA" "softmax + YaRN x4 + LoRA" "ssmax + LoRA" "softmax + LoRA" \
   "LSSAR p=6 + YaRN x2 + LoRA (1K blocks)" "LSSAR p=5 + YaRN x2 + LoRA calibrated tau" \
-  "ssmax + YaRN x4 + LoRA" "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3"
+  "ssmax + YaRN x4 + LoRA" "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3" \
+  "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3 + YaRN-teacher warm start" \
+  "softmax + YaRN x4 + LoRA (1M tokens)" "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3 (1M tokens)"
