@@ -451,6 +451,39 @@ def test_table_rows_with_yarn_and_lssar_plus_yarn_past_the_window(checkpoint, tm
         assert lssa_hf.settings_of(model) is None if attention == "softmax" else lssa_hf.settings_of(model).variant == attention
 
 
+def test_eval_rope_rows_reuse_the_trained_adapter_and_scale_rope_only_for_evaluation(checkpoint, tmp_path):
+    """``eval_rope``: the LoRA trained at native RoPE, YaRN set only to evaluate (no second training);
+    the cells equal those of the reloaded adapter with apply_rope, and differ from the row without it."""
+    from lssa_hf.evaluation import mean_loss
+    from lssa_hf.data import blocks, read_text, tokenize
+    from lssa_hf.finetune.table import TableConfig, evaluate_row, run_table
+    from lssa_hf.rope import apply_rope, rope_of
+
+    base = config(checkpoint, tmp_path, max_steps=2).to_dict()
+    for key in ("output_dir", "attention", "p"):
+        base.pop(key)
+    rows = [{"name": "LSSAR + LoRA", "attention": "lssar", "p": 5},
+            {"name": "LSSAR + LoRA, YaRN x2 at evaluation", "attention": "lssar", "p": 5, "eval_rope": "yarn:2"}]
+    table = TableConfig(output_dir=str(tmp_path / "table"), base=base, lengths=[512], eval_tokens=512,
+                        eval_text={"alice": str(TEXT)}, rows=rows)
+    run_table(table)
+    runs = list((tmp_path / "table" / "runs").iterdir())
+    assert len(runs) == 1  # one training run for both rows
+    results = json.loads((tmp_path / "table" / "table.json").read_text())
+    plain, scaled = (results[row["name"]] for row in rows)
+    assert scaled["cost"]["eval_rope"] == "yarn:2" and "eval_rope" not in plain["cost"]
+    assert scaled["cost"]["steps"] == plain["cost"]["steps"] == 2
+    model, tokenizer = load_adapted(runs[0])
+    assert rope_of(model) == "default"  # the saved model is untouched
+    apply_rope(model, "yarn:2")
+    ids = tokenize(tokenizer, read_text(str(TEXT)))
+    ids = ids[int(len(ids) * table.eval_skip):]
+    want = mean_loss(model, blocks(ids, 512, 1))
+    assert scaled["loss"]["alice"]["512"] == round(want, 4) != plain["loss"]["alice"]["512"]
+    with pytest.raises(ValueError, match="a row without training sets `rope`"):
+        evaluate_row(table, {"name": "untrained", "attention": "softmax", "train": False, "eval_rope": "yarn:2"})
+
+
 def scripted_rows(line: list[str]) -> list[str]:
     """Row names one command of a run script passes: after ``--rows``, or after run_table_parts.sh's config."""
     parts = [i for i, word in enumerate(line) if word.endswith("run_table_parts.sh")]

@@ -22,6 +22,7 @@ from ..data import blocks, read_text, tokenize
 from ..evaluation import mean_loss
 from ..models import DEFAULT_MODEL, RESULT, load, load_adapted
 from ..patching import set_attention
+from ..rope import apply_rope
 from ..settings import DEFAULT_P, SOFTMAX
 from .config import FinetuneConfig
 from .data import build_datasets
@@ -67,9 +68,14 @@ def run_folder(table: TableConfig, extra: dict, p: float) -> Path:
     return Path(table.output_dir) / "runs" / name
 
 
+# row keys that are not FinetuneConfig fields; ``eval_rope``: RoPE scaling set on the trained model only
+# for evaluation, so the row shares its training run with the row without it
+ROW_ONLY = ("name", "train", "p", "eval_rope")
+
+
 def row_configs(table: TableConfig, row: dict) -> list[FinetuneConfig]:
     """One FinetuneConfig per p value of a trained row."""
-    extra = {k: v for k, v in row.items() if k not in ("name", "train", "p")}
+    extra = {k: v for k, v in row.items() if k not in ROW_ONLY}
     ps = row.get("p", DEFAULT_P)
     ps = ps if isinstance(ps, list) else [ps]
     return [FinetuneConfig(**{**table.base, **extra, "p": p, "output_dir": str(run_folder(table, extra, p))})
@@ -99,7 +105,14 @@ def row_model(table: TableConfig, row: dict):
     if row.get("train", True):
         folder, result = train_row(table, row)
         model, tokenizer = load_adapted(folder)
-        return model, tokenizer, training_cost(result)
+        cost = training_cost(result)
+        if row.get("eval_rope"):
+            apply_rope(model, row["eval_rope"])
+            cost["eval_rope"] = row["eval_rope"]
+        return model, tokenizer, cost
+    if "eval_rope" in row:
+        raise ValueError(f"Row {row['name']!r}: eval_rope sets RoPE scaling on a trained model for evaluation "
+                         "only; a row without training sets `rope` instead.")
     base = {**table.base, **{k: v for k, v in row.items() if k not in ("name", "train")}}
     attention, p, rope = base.get("attention", SOFTMAX), base.get("p", DEFAULT_P), base.get("rope")
     model, tokenizer = load(base.get("model", DEFAULT_MODEL), rope=rope)

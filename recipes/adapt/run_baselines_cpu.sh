@@ -9,4 +9,5 @@ exec bash recipes/adapt/run_table_parts.sh recipes/adapt/configs/table-baselines
   "LSSAR p=6 + YaRN x2 + LoRA (1K blocks)" "LSSAR p=5 + YaRN x2 + LoRA calibrated tau" \
   "ssmax + YaRN x4 + LoRA" "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3" \
   "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3 + YaRN-teacher warm start" \
+  "LSSAR p=5 + LoRA, YaRN x4 at evaluation" "softmax + LoRA, YaRN x4 at evaluation" \
   "softmax + YaRN x4 + LoRA (1M tokens)" "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3 (1M tokens)"
