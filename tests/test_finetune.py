@@ -484,6 +484,26 @@ def test_eval_rope_rows_reuse_the_trained_adapter_and_scale_rope_only_for_evalua
         evaluate_row(table, {"name": "untrained", "attention": "softmax", "train": False, "eval_rope": "yarn:2"})
 
 
+def test_length_scale_probe_caps_log_n_and_reports_quarters(checkpoint, tmp_path):
+    """recipes/adapt/probe_length_scale.py: the cap changes the loss (it reaches the kernels) and the
+    uncapped line is the adapter's plain loss."""
+    finetune(config(checkpoint, tmp_path, attention="lssar", p=5.0, max_steps=2))
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "adapt" / "probe_length_scale.py"), "--adapter",
+                          str(tmp_path), "--length", "128", "--caps", "none", "4", "--text", str(TEXT)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    lines = [line for line in out.splitlines() if line.startswith("L=128")]
+    assert len(lines) == 2 and lines[0].count(" / ") == 3
+    plain, capped = (float(line.split("ppl ")[1].split(",")[0]) for line in lines)
+    assert plain != capped
+    from lssa_hf.data import blocks, read_text, tokenize
+    from lssa_hf.evaluation import mean_loss
+
+    model, tokenizer = load_adapted(tmp_path)
+    ids = tokenize(tokenizer, read_text(str(TEXT)))
+    want = math.exp(mean_loss(model, blocks(ids[int(len(ids) * 0.1):], 128, 1)))
+    assert plain == pytest.approx(want, abs=0.006)
+
+
 def scripted_rows(line: list[str]) -> list[str]:
     """Row names one command of a run script passes: after ``--rows``, or after run_table_parts.sh's config."""
     parts = [i for i, word in enumerate(line) if word.endswith("run_table_parts.sh")]
