@@ -513,7 +513,11 @@ def scripted_rows(line: list[str]) -> list[str]:
     return rows[:next((i for i, word in enumerate(rows) if word.startswith("-")), len(rows))]
 
 
-@pytest.mark.parametrize("script", sorted((ROOT / "recipes" / "adapt").glob("run_*.sh")), ids=lambda p: p.name)
+# the run scripts of a table config (run_table_parts.sh is the generic runner they call)
+TABLE_SCRIPTS = sorted(p for p in (ROOT / "recipes" / "adapt").glob("run_*.sh") if ".yaml" in p.read_text())
+
+
+@pytest.mark.parametrize("script", TABLE_SCRIPTS, ids=lambda p: p.name)
 def test_run_scripts_name_rows_their_configs_have(script):
     """A row name mistyped in a run script would only fail hours into a background run."""
     import shlex
@@ -522,8 +526,6 @@ def test_run_scripts_name_rows_their_configs_have(script):
 
     lines = [shlex.split(line, comments=True) for line in script.read_text().replace("\\\n", " ").splitlines()]
     configs = {word.split("=")[-1] for line in lines for word in line if word.endswith(".yaml")}
-    if not configs:
-        pytest.skip(f"{script.name} is generic: it names no table config")
     tables = [TableConfig.from_yaml(ROOT / c) for c in configs]
     for table in tables:
         for row in table.rows:

@@ -52,7 +52,6 @@ def main() -> None:
         quarters = [math.exp(q.mean().item()) for q in losses.chunk(4, dim=1)]
         print(f"L={args.length} rope={args.rope} cap={cap}: ppl {math.exp(losses.mean().item()):.2f}, by quarter "
               f"{' / '.join(f'{q:.2f}' for q in quarters)} ({time.time() - start:.0f} s)", flush=True)
-    functional.length_scale = UNCAPPED
 
 
 if __name__ == "__main__":
