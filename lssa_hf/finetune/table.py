@@ -225,20 +225,28 @@ def cached_row(table: TableConfig, row: dict) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_table(table: TableConfig, only: list | None = None, name: str = "table", measure: bool = True) -> str:
-    """Train and evaluate every row (or the rows named in ``only``, in that order); writes <name>.md
-    and <name>.json. ``measure=False``: only the cached cells ("-" for the rest), nothing written."""
+def named_rows(table: TableConfig, only: list | None) -> list[dict]:
+    """The rows named in ``only`` in that order (the rows that matter most first), else every row."""
     by_name = {row["name"]: row for row in table.rows}
     unknown = [row for row in only or [] if row not in by_name]
     if unknown:
         raise ValueError(f"No rows named {unknown} in the table; its rows are {list(by_name)}.")
-    results = {}
-    for row in only or by_name:  # the order asked for: the rows that matter most first
-        results[row] = evaluate_row(table, by_name[row]) if measure else cached_row(table, by_name[row])
-    results = {row: res for row, res in results.items() if res is not None and "cost" in res}
-    text = markdown(table, results)
+    return [by_name[row] for row in only or by_name]
+
+
+def cached_results(table: TableConfig, only: list | None = None) -> dict:
+    """{row name: cells} of the rows with cells cached so far; trains and measures nothing."""
+    results = {row["name"]: cached_row(table, row) for row in named_rows(table, only)}
+    return {row: res for row, res in results.items() if res is not None and "cost" in res}
+
+
+def run_table(table: TableConfig, only: list | None = None, name: str = "table", measure: bool = True) -> str:
+    """Train and evaluate every row (or the rows named in ``only``, in that order); writes <name>.md
+    and <name>.json. ``measure=False``: only the cached cells ("-" for the rest), nothing written."""
     if not measure:
-        return text
+        return markdown(table, cached_results(table, only))
+    results = {row["name"]: evaluate_row(table, row) for row in named_rows(table, only)}
+    text = markdown(table, results)
     out = Path(table.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(text + "\n")
