@@ -502,6 +502,15 @@ def test_length_scale_probe_caps_log_n_and_reports_quarters(checkpoint, tmp_path
     ids = tokenize(tokenizer, read_text(str(TEXT)))
     want = math.exp(mean_loss(model, blocks(ids[int(len(ids) * 0.1):], 128, 1)))
     assert plain == pytest.approx(want, abs=0.006)
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "adapt" / "probe_length_scale.py"), "--adapter",
+                          str(tmp_path), "--length", "128", "--caps", "none", "--edges", "32", "64", "--text", str(TEXT)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    line = next(line for line in out.splitlines() if line.startswith("L=128"))
+    assert "by positions 0-32 / 32-64 / 64-127 " in line  # 127 predicted tokens; query i sees i + 1 keys
+    parts = [float(x) for x in line.split("64-127 ")[1].split(" (")[0].split(" / ")]
+    # the ranges' mean losses, weighted by their 32 / 32 / 63 predictions, are the window's
+    mean = (32 * math.log(parts[0]) + 32 * math.log(parts[1]) + 63 * math.log(parts[2])) / 127
+    assert math.exp(mean) == pytest.approx(plain, rel=1e-3)
 
 
 def scripted_rows(line: list[str]) -> list[str]:

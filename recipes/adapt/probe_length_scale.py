@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--rope", help="RoPE scaling set for the evaluation, e.g. yarn:2")
     parser.add_argument("--caps", nargs="+", default=["none", "512"], help="N at which log(N_i) stops growing")
     parser.add_argument("--text", default="../shared/data/wikitext-2-raw/wiki.test.raw")
+    parser.add_argument("--edges", type=int, nargs="+",
+                        help="print perplexity per range of positions split here (e.g. 512 1024 2048 4096) "
+                             "instead of per quarter: does the loss keep falling past the adaptation length?")
     args = parser.parse_args()
     model, tokenizer = load_adapted(args.adapter)
     if args.rope:
@@ -49,9 +52,18 @@ def main() -> None:
         start = time.time()
         with torch.no_grad():
             losses = torch.stack([token_losses(model, w[None]).flatten() for w in windows])
-        quarters = [math.exp(q.mean().item()) for q in losses.chunk(4, dim=1)]
-        print(f"L={args.length} rope={args.rope} cap={cap}: ppl {math.exp(losses.mean().item()):.2f}, by quarter "
-              f"{' / '.join(f'{q:.2f}' for q in quarters)} ({time.time() - start:.0f} s)", flush=True)
+        ranges = position_ranges(losses.shape[1], args.edges)
+        parts = [math.exp(losses[:, a:b].mean().item()) for a, b in ranges]
+        by = "quarter" if not args.edges else "positions " + " / ".join(f"{a}-{b}" for a, b in ranges)
+        print(f"L={args.length} rope={args.rope} cap={cap}: ppl {math.exp(losses.mean().item()):.2f}, by {by} "
+              f"{' / '.join(f'{q:.2f}' for q in parts)} ({time.time() - start:.0f} s)", flush=True)
+
+
+def position_ranges(length: int, edges: list | None) -> list[tuple[int, int]]:
+    """[start, end) of each quarter of the predicted positions, or of the ranges between ``edges``
+    (prediction i comes from the query that sees i + 1 keys)."""
+    cuts = [length * k // 4 for k in range(5)] if not edges else [0] + [e for e in edges if 0 < e < length] + [length]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 if __name__ == "__main__":
