@@ -21,6 +21,7 @@ import lssa_hf.functional as functional
 from lssa_hf.data import blocks, read_text, tokenize
 from lssa_hf.evaluation import token_losses
 from lssa_hf.models import load_adapted
+from lssa_hf.patching import update_settings
 from lssa_hf.rope import apply_rope
 
 UNCAPPED = functional.length_scale
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--rope", help="RoPE scaling set for the evaluation, e.g. yarn:2")
+    parser.add_argument("--p", type=float, help="LSSAR's power for the evaluation (default: the adapter's)")
     parser.add_argument("--caps", nargs="+", default=["none", "512"], help="N at which log(N_i) stops growing")
     parser.add_argument("--text", default="../shared/data/wikitext-2-raw/wiki.test.raw")
     parser.add_argument("--edges", type=int, nargs="+",
@@ -45,6 +47,8 @@ def main() -> None:
     model, tokenizer = load_adapted(args.adapter)
     if args.rope:
         apply_rope(model, args.rope)
+    if args.p is not None:
+        update_settings(model, p=args.p)
     ids = tokenize(tokenizer, read_text(args.text))
     windows = blocks(ids[int(len(ids) * 0.1):], args.length, max(1, 32768 // args.length))[:args.windows]
     for cap in [None if c == "none" else int(c) for c in args.caps]:
@@ -55,7 +59,7 @@ def main() -> None:
         ranges = position_ranges(losses.shape[1], args.edges)
         parts = [math.exp(losses[:, a:b].mean().item()) for a, b in ranges]
         by = "quarter" if not args.edges else "positions " + " / ".join(f"{a}-{b}" for a, b in ranges)
-        print(f"L={args.length} rope={args.rope} cap={cap}: ppl {math.exp(losses.mean().item()):.2f}, by {by} "
+        print(f"L={args.length} rope={args.rope} p={args.p} cap={cap}: ppl {math.exp(losses.mean().item()):.2f}, by {by} "
               f"{' / '.join(f'{q:.2f}' for q in parts)} ({time.time() - start:.0f} s)", flush=True)
 
 
