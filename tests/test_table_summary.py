@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lssa_hf.finetune.summary import gaps, headline
+from lssa_hf.finetune.summary import gaps, gaps_by_budget, headline
 from lssa_hf.finetune.table import TableConfig, cached_results, slug
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,16 @@ def test_gaps_compare_the_best_lssa_row_with_the_best_softmax_row_not_ssmax():
     assert by_column["passkey @8K"] == ["LSSAR", "0.50", "softmax + YaRN", "1.00", "-0.50"]
 
 
+def test_gaps_by_budget_never_match_a_row_with_a_baseline_trained_on_other_text():
+    """LSSA rows trained on T tokens meet softmax rows trained on T tokens or on none, nothing else."""
+    lines = gaps_by_budget(RESULTS, [512, 8192]).splitlines()
+    assert lines[0] == "| column | 246K tokens | 1.02M tokens |"
+    by_column = {line.split(" | ")[0].lstrip("| "): line.strip("| ").split(" | ")[1:] for line in lines[2:]}
+    assert by_column["wt @512"] == ["2.00×", "1.10×"]  # 1.02M: LSSAR 33 vs YaRN 30, not the 246K LoRA's 22
+    assert by_column["wt @8K"] == ["1.50×", "-"]  # 246K: LSSA 30 vs YaRN 20 (no training beats the LoRA's 40)
+    assert by_column["passkey @8K"] == ["-", "-0.50"]  # the 246K LSSA row has no passkey cell
+
+
 def test_summary_cli_reads_the_cache_in_the_order_asked(tmp_path):
     rows = [{"name": name, "attention": res["cost"]["attention"]} for name, res in RESULTS.items()]
     rows.append({"name": "never measured", "attention": "lssar"})
@@ -60,7 +70,8 @@ def test_summary_cli_reads_the_cache_in_the_order_asked(tmp_path):
     assert "never measured" not in cached_results(table)
     out = subprocess.run([sys.executable, str(ROOT / "recipes/adapt/run_table.py"), "--config", str(config),
                           "--summary", "512", "8192"], capture_output=True, text=True, check=True).stdout
-    assert out == headline(cached_results(table), [512, 8192]) + "\n\n" + gaps(cached_results(table), [512, 8192]) + "\n"
+    views = [view(cached_results(table), [512, 8192]) for view in (headline, gaps, gaps_by_budget)]
+    assert out == "\n\n".join(views) + "\n"
 
 
 def table_after(path: Path, anchor: str) -> str:
@@ -84,5 +95,7 @@ def test_readme_and_docs_tables_are_the_commands_output_on_the_committed_cells()
     results, lengths = cached_results(table), [512, 8192, 16384, 32768]
     assert table_after(ROOT / "README.md", "<!-- headline table -->") == headline(results, lengths)
     assert table_after(ROOT / "README.md", "<!-- gaps table -->") == gaps(results, lengths)
+    assert table_after(ROOT / "README.md", "<!-- gaps by budget -->") == gaps_by_budget(results, lengths)
     assert table_after(ROOT / "docs/baselines.md", "<!-- gaps table -->") == gaps(results, lengths)
+    assert table_after(ROOT / "docs/baselines.md", "<!-- gaps by budget -->") == gaps_by_budget(results, lengths)
     assert table_after(ROOT / "docs/baselines.md", "<!-- cached table -->") == markdown(table, results)

@@ -66,6 +66,13 @@ def headline(results: dict, lengths: list) -> str:
     return "\n".join(lines)
 
 
+def gap(ours: tuple[str, float], theirs: tuple[str, float], column: tuple[str, int]) -> str:
+    """Ratio of perplexities, or difference of passkey scores, of two (row, value) bests."""
+    if column[0] == "passkey":
+        return f"{ours[1] - theirs[1]:+.2f}"
+    return f"{ours[1] / theirs[1]:.2f}×"
+
+
 def gaps(results: dict, lengths: list) -> str:
     """Markdown: per column, the best LSSA/LSSAR row against the best softmax row (ratio of perplexities,
     difference of passkey scores). ssmax is neither: it is our own baseline, not what users run."""
@@ -77,10 +84,29 @@ def gaps(results: dict, lengths: list) -> str:
         a, b = best(ours, col), best(theirs, col)
         if a is None or b is None:
             continue
-        if col[0] == "passkey":
-            gap = f"{a[1] - b[1]:+.2f}"
-        else:
-            gap = f"{a[1] / b[1]:.2f}×"
         name = f"{col[0]} @{length_label(col[1])}"
-        lines.append(f"| {name} | {a[0]} | {a[1]:.2f} | {b[0]} | {b[1]:.2f} | {gap} |")
+        lines.append(f"| {name} | {a[0]} | {a[1]:.2f} | {b[0]} | {b[1]:.2f} | {gap(a, b, col)} |")
+    return "\n".join(lines)
+
+
+def gaps_by_budget(results: dict, lengths: list) -> str:
+    """Markdown: the same gap at each training budget, so a row trained on more text never meets a
+    baseline trained on less: LSSA/LSSAR rows trained on T tokens against softmax rows trained on the
+    same T tokens or on none (YaRN needs no training). "-" where one side has no measured cell."""
+    def tokens(res):
+        return res["cost"]["tokens"] or 0
+
+    ours = {row: res for row, res in results.items() if res["cost"].get("attention") in VARIANTS}
+    theirs = {row: res for row, res in results.items() if res["cost"].get("attention") == SOFTMAX}
+    budgets = sorted({tokens(res) for res in ours.values()})
+    cols = columns(results, lengths)
+    lines = ["| column | " + " | ".join(training({"tokens": t}) if t else "no training" for t in budgets) + " |",
+             "|---|" + "---:|" * len(budgets)]
+    for col in cols:
+        cells = []
+        for t in budgets:
+            a = best({r: res for r, res in ours.items() if tokens(res) == t}, col)
+            b = best({r: res for r, res in theirs.items() if tokens(res) in (0, t)}, col)
+            cells.append("-" if a is None or b is None else gap(a, b, col))
+        lines.append(f"| {col[0]} @{length_label(col[1])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

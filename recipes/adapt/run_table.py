@@ -4,12 +4,12 @@ that are not cached yet, evaluates every row at every length, writes table.md / 
     python recipes/adapt/run_table.py --config recipes/adapt/configs/table-smollm2.yaml
     python recipes/adapt/run_table.py --config ... --rows "softmax + LoRA" "LSSAR p=15 + LoRA"
     python recipes/adapt/run_table.py --config ... --cached     # print what is measured so far
-    python recipes/adapt/run_table.py --config ... --summary 512 8192 16384 32768  # README view + gaps
+    python recipes/adapt/run_table.py --config ... --summary 512 8192 16384 32768  # README view + gaps (overall, per budget)
 """
 
 import argparse
 
-from lssa_hf.finetune.summary import gaps, headline
+from lssa_hf.finetune.summary import gaps, gaps_by_budget, headline
 from lssa_hf.finetune.table import TableConfig, cached_results, run_table
 
 
@@ -24,12 +24,13 @@ def main() -> None:
                         help="only print the cells cached so far: train and measure nothing, write nothing")
     parser.add_argument("--summary", type=int, nargs="+", metavar="LENGTH",
                         help="print the cached cells at these lengths only, best in bold, then the gap between "
-                             "the best LSSA/LSSAR row and the best softmax row per column (measures nothing)")
+                             "the best LSSA/LSSAR row and the best softmax row per column, overall and at each "
+                             "training budget (measures nothing)")
     args = parser.parse_args()
     table = TableConfig.from_yaml(args.config, lengths=args.lengths, output_dir=args.output_dir)
     if args.summary:
         results = cached_results(table, args.rows)
-        print(headline(results, args.summary) + "\n\n" + gaps(results, args.summary))
+        print("\n\n".join(view(results, args.summary) for view in (headline, gaps, gaps_by_budget)))
         return
     print(run_table(table, args.rows, args.name, measure=not args.cached))
 
