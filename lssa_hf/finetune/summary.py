@@ -40,8 +40,7 @@ def best(results: dict, column: tuple[str, int]) -> tuple[str, float] | None:
     return pick(measured, key=lambda item: item[1])
 
 
-def training(cost: dict) -> str:
-    tokens = cost["tokens"]
+def training(tokens: int) -> str:
     if not tokens:
         return "none"
     return f"{tokens / 1e6:.2f}M tokens" if tokens >= 1e6 else f"{round(tokens / 1e3)}K tokens"
@@ -57,7 +56,7 @@ def headline(results: dict, lengths: list) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(cols)]
     tops = [best(results, col) for col in cols]
     for row, res in results.items():
-        cells = [row, training(res["cost"])]
+        cells = [row, training(res["cost"]["tokens"])]
         for col, top in zip(cols, tops):
             v = value(res, col)
             text = "-" if v is None else f"{v:.2f}"
@@ -73,11 +72,17 @@ def gap(ours: tuple[str, float], theirs: tuple[str, float], column: tuple[str, i
     return f"{ours[1] / theirs[1]:.2f}×"
 
 
-def gaps(results: dict, lengths: list) -> str:
-    """Markdown: per column, the best LSSA/LSSAR row against the best softmax row (ratio of perplexities,
-    difference of passkey scores). ssmax is neither: it is our own baseline, not what users run."""
+def sides(results: dict) -> tuple[dict, dict]:
+    """(LSSA/LSSAR rows, softmax rows). ssmax is neither: it is our own baseline, not what users run."""
     ours = {row: res for row, res in results.items() if res["cost"].get("attention") in VARIANTS}
     theirs = {row: res for row, res in results.items() if res["cost"].get("attention") == SOFTMAX}
+    return ours, theirs
+
+
+def gaps(results: dict, lengths: list) -> str:
+    """Markdown: per column, the best LSSA/LSSAR row against the best softmax row (ratio of perplexities,
+    difference of passkey scores)."""
+    ours, theirs = sides(results)
     lines = ["| column | best LSSA/LSSAR row | | best softmax row | | LSSAR vs softmax |",
              "|---|---|---:|---|---:|---:|"]
     for col in columns(results, lengths):
@@ -93,20 +98,15 @@ def gaps_by_budget(results: dict, lengths: list) -> str:
     """Markdown: the same gap at each training budget, so a row trained on more text never meets a
     baseline trained on less: LSSA/LSSAR rows trained on T tokens against softmax rows trained on the
     same T tokens or on none (YaRN needs no training). "-" where one side has no measured cell."""
-    def tokens(res):
-        return res["cost"]["tokens"] or 0
-
-    ours = {row: res for row, res in results.items() if res["cost"].get("attention") in VARIANTS}
-    theirs = {row: res for row, res in results.items() if res["cost"].get("attention") == SOFTMAX}
-    budgets = sorted({tokens(res) for res in ours.values()})
-    cols = columns(results, lengths)
-    lines = ["| column | " + " | ".join(training({"tokens": t}) if t else "no training" for t in budgets) + " |",
+    ours, theirs = sides(results)
+    budgets = sorted({res["cost"]["tokens"] for res in ours.values()})
+    lines = ["| column | " + " | ".join(training(t) if t else "no training" for t in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
-    for col in cols:
+    for col in columns(results, lengths):
         cells = []
         for t in budgets:
-            a = best({r: res for r, res in ours.items() if tokens(res) == t}, col)
-            b = best({r: res for r, res in theirs.items() if tokens(res) in (0, t)}, col)
+            a = best({r: res for r, res in ours.items() if res["cost"]["tokens"] == t}, col)
+            b = best({r: res for r, res in theirs.items() if res["cost"]["tokens"] in (0, t)}, col)
             cells.append("-" if a is None or b is None else gap(a, b, col))
         lines.append(f"| {col[0]} @{length_label(col[1])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

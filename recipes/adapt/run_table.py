@@ -4,7 +4,7 @@ that are not cached yet, evaluates every row at every length, writes table.md / 
     python recipes/adapt/run_table.py --config recipes/adapt/configs/table-smollm2.yaml
     python recipes/adapt/run_table.py --config ... --rows "softmax + LoRA" "LSSAR p=15 + LoRA"
     python recipes/adapt/run_table.py --config ... --cached     # print what is measured so far
-    python recipes/adapt/run_table.py --config ... --summary 512 8192 16384 32768  # README view + gaps (overall, per budget)
+    python recipes/adapt/run_table.py --config ... --summary 512 8192 16384 32768  # README view + gaps
 """
 
 import argparse
