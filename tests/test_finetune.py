@@ -513,6 +513,33 @@ def test_length_scale_probe_caps_log_n_and_reports_quarters(checkpoint, tmp_path
     assert math.exp(mean) == pytest.approx(plain, rel=1e-3)
 
 
+def test_layer_probe_swaps_one_layer_at_a_time_and_ranks_the_worst(checkpoint):
+    """recipes/adapt/probe_layers.py: each line is the checkpoint with only that layer on LSSAR (checked
+    against a model patched here), and the worst-k list is the k highest perplexities."""
+    from lssa_hf.data import blocks, read_text, tokenize
+    from lssa_hf.evaluation import mean_loss
+    from lssa_hf.models import load
+    from lssa_hf.patching import set_attention
+
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "adapt" / "probe_layers.py"), "--model", str(checkpoint),
+                          "--p", "5", "--length", "64", "--windows", "2", "--text", str(TEXT), "--worst", "1", "2"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    lines = [line for line in out.splitlines() if line.startswith("layer ")]
+    ppl = [float(line.split("ppl ")[1].split(" ")[0]) for line in lines]
+    model, tokenizer = load(str(checkpoint))
+    assert len(ppl) == model.config.num_hidden_layers >= 2
+    ids = tokenize(tokenizer, read_text(str(TEXT)))
+    windows = blocks(ids[int(len(ids) * 0.1):], 64, 2)[:2]
+    softmax = math.exp(mean_loss(model, windows))
+    assert float(out.split("softmax: ppl ")[1].split()[0]) == pytest.approx(softmax, abs=0.006)
+    set_attention(model, "lssar", p=5.0, softmax_layers=list(range(1, len(ppl))))
+    assert ppl[0] == pytest.approx(math.exp(mean_loss(model, windows)), abs=0.006)
+    assert ppl[0] != pytest.approx(softmax, abs=0.006)  # the swap reached the layer
+    ranked = sorted(range(len(ppl)), key=lambda i: -ppl[i])
+    assert f"worst 1: softmax_layers: {[ranked[0]]}" in out
+    assert f"worst 2: softmax_layers: {sorted(ranked[:2])}" in out
+
+
 def scripted_rows(line: list[str]) -> list[str]:
     """Row names one command of a run script passes: after ``--rows``, or after run_table_parts.sh's config."""
     parts = [i for i, word in enumerate(line) if word.endswith("run_table_parts.sh")]
