@@ -98,7 +98,8 @@ def load_adapted(output_dir, merge: bool = True):
     model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype), rope=config.rope)
     drop_gguf_marker(model)
     set_attention(model, config.attention, p=config.p, head_temperature=config.head_temperature,
-                  ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
+                  ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers,
+                  softmax_heads=config.softmax_heads)
     model = PeftModel.from_pretrained(model, out / "adapter")
     return (model.merge_and_unload() if merge else model).eval(), tokenizer
 

@@ -55,19 +55,37 @@ def check_supported(model: PreTrainedModel) -> None:
         )
 
 
-def check_layers(model: PreTrainedModel, layers: tuple) -> None:
-    """softmax_layers must name layers the model has (attention modules carry ``layer_idx``)."""
-    if not layers:
+def check_layers(model: PreTrainedModel, settings: LSSAConfig) -> None:
+    """softmax_layers and softmax_heads must name layers (attention modules carry ``layer_idx``) and
+    query heads the model has."""
+    wanted = settings.softmax_layers + tuple(layer for layer, _ in settings.softmax_heads)
+    if not wanted:
         return
     from .temperature import attention_modules
 
-    present = {getattr(m, "layer_idx", None) for m in attention_modules(model)}
-    missing = [i for i in layers if i not in present]
+    modules = {getattr(m, "layer_idx", None): m for m in attention_modules(model)}
+    missing = sorted({i for i in wanted if i not in modules})
     if missing:
-        known = sorted(i for i in present if i is not None)
-        raise ValueError(f"softmax_layers {missing} are not layers of {type(model).__name__} "
+        known = sorted(i for i in modules if i is not None)
+        raise ValueError(f"softmax layers {missing} are not layers of {type(model).__name__} "
                          f"(its attention layers: {known[0]}..{known[-1]})." if known else
-                         f"{type(model).__name__}'s attention modules carry no layer_idx: softmax_layers cannot apply.")
+                         f"{type(model).__name__}'s attention modules carry no layer_idx: softmax_layers and "
+                         "softmax_heads cannot apply.")
+    for layer, heads in settings.softmax_heads:
+        count = query_heads(modules[layer])
+        if heads[-1] >= count:
+            raise ValueError(f"softmax_heads: layer {layer} of {type(model).__name__} has {count} query heads "
+                             f"(0..{count - 1}), not head {heads[-1]}.")
+
+
+def query_heads(module) -> int:
+    """The number of query heads of an attention module."""
+    for owner, name in ((module, "num_heads"), (module, "num_attention_heads"), (module.config, "num_attention_heads"),
+                        (module.config, "n_head")):
+        count = getattr(owner, name, None)
+        if isinstance(count, int):
+            return count
+    raise ValueError(f"{type(module).__name__} does not say how many query heads it has: softmax_heads cannot apply.")
 
 
 def all_configs(config):
@@ -112,7 +130,8 @@ def _warn_ignored(model: PreTrainedModel) -> None:
 
 
 def patch(model, variant: str = "lssar", p: float = DEFAULT_P, backend: str = "auto",
-          head_temperature: bool | None = None, ssmax_length: int | None = None, softmax_layers=None):
+          head_temperature: bool | None = None, ssmax_length: int | None = None, softmax_layers=None,
+          softmax_heads=None):
     """Make ``model`` (a transformers model, or a peft model around one) use LSSA or LSSAR attention.
 
     The settings are stored on the model's own config (a private copy: other models built from the
@@ -121,12 +140,14 @@ def patch(model, variant: str = "lssar", p: float = DEFAULT_P, backend: str = "a
     first, see ``lssa_hf.temperature``); None keeps the temperatures the model already has, if any.
     ``variant="ssmax"`` is the scaled-softmax baseline (``lssa_hf.ssmax``; ``ssmax_length``: the
     visible-key count at which it equals softmax, default 512). ``softmax_layers``: layer indices
-    that keep softmax attention (a hybrid); None keeps the stored ones. Returns the same model.
+    that keep softmax attention (a hybrid); ``softmax_heads``: query heads kept on softmax inside LSSA
+    layers, ``{layer: [heads]}``; None keeps the stored ones. Returns the same model.
     """
     model_ = base_model(model)
     stored = LSSAConfig.of(model_.config) or LSSAConfig()
     ssmax_length = stored.ssmax_length if ssmax_length is None else ssmax_length
     softmax_layers = stored.softmax_layers if softmax_layers is None else softmax_layers
+    softmax_heads = stored.softmax_heads if softmax_heads is None else softmax_heads
     if head_temperature is None:
         stored = LSSAConfig.of(model_.config)
         if stored is not None and stored.head_temperature and not has_temperatures(model_):
@@ -137,9 +158,9 @@ def patch(model, variant: str = "lssar", p: float = DEFAULT_P, backend: str = "a
         raise ValueError("This model carries learned per-head temperatures; patch it with head_temperature=True "
                          "(or None) to keep them, or unpatch it first to drop them.")
     settings = LSSAConfig(variant=variant, p=p, backend=backend, head_temperature=head_temperature,
-                          ssmax_length=ssmax_length, softmax_layers=softmax_layers)
+                          ssmax_length=ssmax_length, softmax_layers=softmax_layers, softmax_heads=softmax_heads)
     check_supported(model_)
-    check_layers(model_, settings.softmax_layers)
+    check_layers(model_, settings)
     if not hasattr(model_, _ORIGINAL):
         original = model_.config._attn_implementation
         if original in PATCHED:  # loaded as LSSA: "original" is transformers' default
@@ -191,7 +212,7 @@ def settings_of(model) -> LSSAConfig | None:
     stored = LSSAConfig.of(model_.config) or LSSAConfig()
     return LSSAConfig(variant=model_.config._attn_implementation, p=stored.p, backend=stored.backend,
                       head_temperature=stored.head_temperature, ssmax_length=stored.ssmax_length,
-                      softmax_layers=stored.softmax_layers)
+                      softmax_layers=stored.softmax_layers, softmax_heads=stored.softmax_heads)
 
 
 def from_pretrained(name_or_path: str, variant: str | None = None, p: float | None = None,
@@ -250,7 +271,7 @@ def update_settings(model, **changes) -> LSSAConfig:
     if fixed:
         raise ValueError(f"{sorted(fixed)} change the model's modules or implementation: use lssa_hf.patch.")
     settings = dataclasses.replace(current, **changes)
-    check_layers(model_, settings.softmax_layers)
+    check_layers(model_, settings)
     _set_settings(model_, settings)
     return settings
 

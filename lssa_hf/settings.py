@@ -70,6 +70,8 @@ class LSSAConfig:
         scale (``lssa_hf.temperature``); False is the paper's fixed scale.
     ssmax_length: "ssmax" only: the number of visible keys at which it equals softmax.
     softmax_layers: indices of layers that keep softmax attention (SDPA): a hybrid model.
+    softmax_heads: query heads that keep softmax attention inside otherwise LSSA layers, as
+        ``{layer: [heads]}`` (stored as sorted ``(layer, heads)`` pairs, which config.json keeps).
     """
 
     variant: str = "lssar"
@@ -78,6 +80,7 @@ class LSSAConfig:
     head_temperature: bool = False
     ssmax_length: int = DEFAULT_SSMAX_LENGTH
     softmax_layers: tuple = ()
+    softmax_heads: tuple = ()
 
     def __post_init__(self):
         if self.variant == SSMAX:
@@ -91,7 +94,12 @@ class LSSAConfig:
         if isinstance(layers, (int, str)) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
             raise ValueError(f"softmax_layers must be a list of layer indices (integers >= 0), got {layers!r}.")
         object.__setattr__(self, "softmax_layers", tuple(sorted(set(layers))))
+        object.__setattr__(self, "softmax_heads", _head_map(self.softmax_heads, self.softmax_layers))
         object.__setattr__(self, "head_temperature", bool(self.head_temperature))
+
+    def heads_on_softmax(self, layer) -> tuple:
+        """The query heads of ``layer`` kept on softmax (empty: none)."""
+        return next((heads for i, heads in self.softmax_heads if i == layer), ())
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,10 +119,38 @@ class LSSAConfig:
         values = getattr(config, CONFIG_KEY, None)
         if values is None:
             return None
-        try:  # lists (softmax_layers read back from config.json) as tuples: hashable
-            return _parse(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
+        try:  # lists (softmax_layers, softmax_heads read back from config.json) as tuples: hashable
+            return _parse(tuple((k, _frozen(v)) for k, v in values.items()))
         except TypeError:  # an unhashable value: parse it plainly (and let the checks name it)
             return cls.from_dict(values)
+
+
+def _frozen(value):
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _head_map(value, softmax_layers: tuple) -> tuple:
+    """``{layer: [heads]}`` or ``(layer, heads)`` pairs as sorted ``(layer, (heads...))`` pairs."""
+    fix = "softmax_heads must map layer indices to lists of query-head indices, e.g. {12: [0, 3]}"
+    pairs = value.items() if isinstance(value, dict) else value or ()
+    try:
+        pairs = [(int(layer) if isinstance(layer, str) and layer.isdigit() else layer, heads) for layer, heads in pairs]
+    except (TypeError, ValueError):
+        raise ValueError(f"{fix}, got {value!r}.") from None
+    out = {}
+    for layer, heads in pairs:
+        if not _is_index(layer) or isinstance(heads, (int, str)) or not all(_is_index(h) for h in heads or ()):
+            raise ValueError(f"{fix}, got {value!r}.")
+        if layer in softmax_layers:
+            raise ValueError(f"layer {layer} is in softmax_layers (every head on softmax already): drop it from "
+                             f"softmax_heads or from softmax_layers.")
+        if heads:
+            out[layer] = tuple(sorted(set(out.get(layer, ()) + tuple(heads))))
+    return tuple(sorted(out.items()))
 
 
 @functools.lru_cache(maxsize=64)

@@ -126,6 +126,19 @@ def test_warm_start_on_a_hybrid_with_yarn_trains_only_the_lssa_layers(checkpoint
     assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.rope_parameters["factor"] == 2.0
 
 
+def test_warm_start_with_every_head_of_a_layer_on_softmax_leaves_that_layer_alone(checkpoint, tmp_path):
+    """softmax_heads through the warm start, training and reload: all 4 heads of layer 0 on softmax
+    make it its own teacher (MSE 0) as softmax_layers=[0] does, one head of layer 1 changes nothing there."""
+    cfg = config(checkpoint, tmp_path, attention="lssar", p=5.0, softmax_heads={0: [0, 1, 2, 3], 1: [2]},
+                 warm_start=True, warm_start_steps=4, warm_start_lr=2e-2, max_steps=2)
+    result = finetune(cfg)["warm_start"]
+    before, after = result["layer_mse_before"], result["layer_mse_after"]
+    assert before[0] == 0.0 and after[0] == 0.0 and 0 < after[1] < before[1]
+    model, _ = load_adapted(tmp_path, merge=False)
+    settings = lssa_hf.settings_of(lssa_hf.patching.base_model(model))
+    assert settings.softmax_heads == ((0, (0, 1, 2, 3)), (1, (2,))) and settings.softmax_layers == ()
+
+
 def test_learned_temperatures_train_save_and_reload_everywhere(checkpoint, tmp_path):
     """head_temperature: the warm start and LoRA move tau at its own learning rate, and the adapter,
     the merged checkpoint and the lm-eval model type all reload the learned values."""
@@ -538,6 +551,53 @@ def test_layer_probe_swaps_one_layer_at_a_time_and_ranks_the_worst(checkpoint):
     ranked = sorted(range(len(ppl)), key=lambda i: -ppl[i])
     assert f"worst 1: softmax_layers: {[ranked[0]]}" in out
     assert f"worst 2: softmax_layers: {sorted(ranked[:2])}" in out
+
+
+@torch.no_grad()
+def test_head_probe_prints_each_heads_error_against_a_float64_reference(checkpoint):
+    """probe_layers.py --heads: each head's |LSSAR - softmax|^2 / |softmax|^2 on the softmax model's own
+    inputs, checked against float64 references of both attentions on the q/k/v captured here, and the
+    worst-k map is the k largest errors."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lssa_hf.data import blocks, read_text, tokenize
+    from lssa_hf.models import load
+    from reference import reference_attention
+    from test_hybrid import reference_softmax
+
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "adapt" / "probe_layers.py"), "--model", str(checkpoint),
+                          "--p", "5", "--length", "64", "--windows", "2", "--text", str(TEXT), "--heads",
+                          "--worst", "1", "3"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    printed = [[float(e) for e in line.split("head errors ")[1].split()] for line in out.splitlines()
+               if line.startswith("layer ")]
+    model, tokenizer = load(str(checkpoint))
+    ids = tokenize(tokenizer, read_text(str(TEXT)))
+    windows = blocks(ids[int(len(ids) * 0.1):], 64, 2)[:2]
+    sums = {}
+
+    def capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        length = query.shape[2]
+        mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None].expand(1, query.shape[1], -1, -1)
+        soft = reference_softmax(query, key, value, mask, scaling)
+        lssar = reference_attention(query, key, value, mask, variant="lssar", p=5.0)
+        err, norm = sums.setdefault(module.layer_idx, [0.0, 0.0])
+        sums[module.layer_idx] = [err + ((lssar - soft) ** 2).sum((0, 2, 3)), norm + (soft ** 2).sum((0, 2, 3))]
+        return sdpa_attention_forward(module, query, key, value, None, scaling=scaling, is_causal=True)
+
+    AttentionInterface.register("lssa_test_capture", capture)
+    model.set_attn_implementation("lssa_test_capture")
+    for window in windows:
+        model(window[None])
+    want = [(err / norm).tolist() for _, (err, norm) in sorted(sums.items())]
+    assert len(printed) == len(want) == model.config.num_hidden_layers
+    torch.testing.assert_close(torch.tensor(printed), torch.tensor(want, dtype=torch.float32), rtol=0, atol=1.5e-3)
+    ranked = sorted(((layer, h) for layer in range(len(want)) for h in range(len(want[0]))),
+                    key=lambda key: -want[key[0]][key[1]])
+    layer, head = ranked[0]
+    assert f"worst 1: softmax_heads: {{{layer}: [{head}]}}" in out
+    assert max(max(row) for row in want) > 0.01  # the heads differ from softmax: the check can fail
 
 
 def scripted_rows(line: list[str]) -> list[str]:

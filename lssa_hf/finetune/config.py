@@ -30,6 +30,7 @@ class FinetuneConfig:
     rope: str | dict | None = None
     ssmax_length: int | None = None  # attention "ssmax": keys at which it equals softmax; None = block_size
     softmax_layers: list | None = None  # layer indices kept on softmax (a hybrid); None = every layer swapped
+    softmax_heads: dict | None = None  # {layer: [query heads]} kept on softmax inside LSSA layers
     output_dir: str = "runs/adapt/lssar"
     seed: int = 0
     dtype: str = "float32"  # weights as loaded; mixed precision is `precision`

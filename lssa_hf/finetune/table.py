@@ -118,7 +118,8 @@ def row_model(table: TableConfig, row: dict):
     model, tokenizer = load(base.get("model", DEFAULT_MODEL), rope=rope)
     calibrated = base.get("temperature_init") == "calibrate"
     set_attention(model, attention, p=p, ssmax_length=base.get("ssmax_length"),
-                  softmax_layers=base.get("softmax_layers"), head_temperature=calibrated)
+                  softmax_layers=base.get("softmax_layers"), softmax_heads=base.get("softmax_heads"),
+                  head_temperature=calibrated)
     cost = {"steps": 0, "tokens": 0, "seconds": 0.0, "attention": attention, "p": p, "rope": rope}
     if calibrated:  # no training, only the temperatures fitted to the softmax layers (on training text)
         config = FinetuneConfig(**{**base, "head_temperature": True, "output_dir": str(Path(table.output_dir) / "runs")})

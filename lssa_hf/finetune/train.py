@@ -60,7 +60,8 @@ def build_model(config: FinetuneConfig):
     model, tokenizer = load(config.model, dtype=getattr(torch, config.dtype), rope=config.rope)
     drop_gguf_marker(model)
     set_attention(model, config.attention, p=config.first_p, head_temperature=config.head_temperature,
-                  ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers)
+                  ssmax_length=config.ssmax_length, softmax_layers=config.softmax_layers,
+                  softmax_heads=config.softmax_heads)
     set_seed(config.seed)  # LoRA A matrices are drawn here: same init for every attention
     model = add_lora(model, config)
     if config.init_adapter:

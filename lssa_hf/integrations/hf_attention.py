@@ -120,7 +120,22 @@ def _attention_forward(variant, module, query, key, value, attention_mask, dropo
         return_weights=bool(kwargs.get("output_attentions")), backend=settings.backend,
         temperature=module_temperature(module, settings.head_temperature),
     )
-    return out.transpose(1, 2).contiguous(), weights
+    out = out.transpose(1, 2).contiguous()
+    return _with_softmax_heads(settings, module, out, weights, query, key, value, mask, dropout, scaling, **kwargs)
+
+
+def _with_softmax_heads(settings, module, out, weights, query, key, value, mask, dropout, scaling, **kwargs):
+    """``out`` (B, L, H, D) with the heads in ``softmax_heads`` for this layer taken from SDPA on the
+    same mask. SDPA runs on every head (GQA keeps its grouping) and the LSSA output of those heads is
+    dropped: simple, and cheap next to LSSA itself."""
+    heads = settings.heads_on_softmax(getattr(module, "layer_idx", None))
+    if not heads:
+        return out, weights
+    softmax, _ = _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs)
+    chosen = torch.zeros(out.shape[2], 1, dtype=torch.bool, device=out.device)
+    chosen[list(heads)] = True
+    # attention weights: SDPA returns none, so a mixed layer's cannot be given for every head
+    return torch.where(chosen, softmax.to(out.dtype), out), None
 
 
 def _softmax_layer(module, query, key, value, mask, dropout, scaling, **kwargs):
@@ -154,7 +169,8 @@ def ssmax_attention_forward(module, query, key, value, attention_mask, dropout=0
                                    temperature=module_temperature(module, settings.head_temperature),
                                    dropout_p=dropout,
                                    return_weights=bool(kwargs.get("output_attentions")))
-    return out.transpose(1, 2).contiguous(), weights
+    out = out.transpose(1, 2).contiguous()
+    return _with_softmax_heads(settings, module, out, weights, query, key, value, mask, dropout, scaling, **kwargs)
 
 
 def register() -> None:

@@ -6,7 +6,8 @@ exec bash recipes/adapt/run_table_parts.sh recipes/adapt/configs/table-baselines
   "LSSAR p=5 + YaRN x2 + LoRA" "LSSAR p=5 + LoRA" "softmax (original)" "softmax + YaRN x4 (no training)" \
   "LSSAR p=5 + YaRN x4 + LoRA" "LSSAR p=5 + YaRN x2 + LoRA + softmax layers 0-3" \
   "LSSAR p=8 + YaRN x4 + LoRA + softmax layers 13,20,23,24 + YaRN-teacher warm start" \
-  "LSSAR p=8 + YaRN x4 + LoRA + softmax layers 0-7 + YaRN-teacher warm start" -- \
+  "LSSAR p=8 + YaRN x4 + LoRA + softmax layers 0-7 + YaRN-teacher warm start" \
+  "LSSAR p=8 + YaRN x4 + LoRA + 72 probe-ranked softmax heads + YaRN-teacher warm start" -- \
   "softmax + YaRN x2 (no training)" "softmax + YaRN x2 + LoRA" "softmax + YaRN x4 + LoRA" "ssmax + LoRA" "softmax + LoRA" \
   "LSSAR p=6 + YaRN x2 + LoRA (1K blocks)" "LSSAR p=5 + YaRN x2 + LoRA calibrated tau" \
   "ssmax + YaRN x4 + LoRA" "LSSAR p=5 + YaRN x4 + LoRA + softmax layers 0-3" \
