@@ -11,6 +11,17 @@ def ids(batch=2, length=30):
     return torch.randint(3, 90, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
+def decoded(model, x, prefill):
+    """Logits of ``x`` from a prefill of ``prefill`` tokens, then one cached decoding step per token."""
+    out = model(x[:, :prefill], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for i in range(prefill, x.shape[1]):
+        out = model(x[:, i:i + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @torch.no_grad()
 def test_softmax_in_every_layer_equals_the_original_and_one_layer_changes_it(arch):
@@ -32,13 +43,7 @@ def test_hybrid_survives_save_and_load_and_cached_decoding(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = lssa_hf.from_pretrained(str(tmp_path))
     assert lssa_hf.settings_of(loaded).softmax_layers == (0,)
-    out = loaded(x[:, :8], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
-    for i in range(8, 12):
-        out = loaded(x[:, i:i + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decoded(loaded, x, prefill=8), full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, message", [([5], "not layers of"), ([-1], "integers >= 0"), ("0", "list of layer"),
@@ -128,13 +133,8 @@ def test_softmax_heads_survive_save_and_load_and_cached_decoding_and_get_gradien
         model.save_pretrained(tmp_path)
         loaded = lssa_hf.from_pretrained(str(tmp_path))
         assert lssa_hf.settings_of(loaded).softmax_heads == ((0, (0,)), (1, (3,)))
-        out = loaded(x[:, :8], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for i in range(8, 12):
-            out = loaded(x[:, i:i + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+        got = decoded(loaded, x, prefill=8)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, message", [
