@@ -14,7 +14,8 @@ from transformers import PreTrainedModel
 from .integrations.hf_attention import register
 from .rope import apply_rope
 from .settings import CONFIG_KEY, DEFAULT_P, PATCHED, SOFTMAX, LSSAConfig, check_attention
-from .temperature import add_temperatures, has_temperatures, remove_temperatures, restore_temperatures
+from .temperature import (add_temperatures, attention_modules, has_temperatures, num_heads, remove_temperatures,
+                          restore_temperatures)
 
 logger = logging.getLogger(__name__)
 _ORIGINAL = "_lssa_original_attn_implementation"  # model attribute set by patch()
@@ -61,8 +62,6 @@ def check_layers(model: PreTrainedModel, settings: LSSAConfig) -> None:
     wanted = settings.softmax_layers + tuple(layer for layer, _ in settings.softmax_heads)
     if not wanted:
         return
-    from .temperature import attention_modules
-
     modules = {getattr(m, "layer_idx", None): m for m in attention_modules(model)}
     missing = sorted({i for i in wanted if i not in modules})
     if missing:
@@ -72,20 +71,10 @@ def check_layers(model: PreTrainedModel, settings: LSSAConfig) -> None:
                          f"{type(model).__name__}'s attention modules carry no layer_idx: softmax_layers and "
                          "softmax_heads cannot apply.")
     for layer, heads in settings.softmax_heads:
-        count = query_heads(modules[layer])
+        count = num_heads(modules[layer])
         if heads[-1] >= count:
             raise ValueError(f"softmax_heads: layer {layer} of {type(model).__name__} has {count} query heads "
                              f"(0..{count - 1}), not head {heads[-1]}.")
-
-
-def query_heads(module) -> int:
-    """The number of query heads of an attention module."""
-    for owner, name in ((module, "num_heads"), (module, "num_attention_heads"), (module.config, "num_attention_heads"),
-                        (module.config, "n_head")):
-        count = getattr(owner, name, None)
-        if isinstance(count, int):
-            return count
-    raise ValueError(f"{type(module).__name__} does not say how many query heads it has: softmax_heads cannot apply.")
 
 
 def all_configs(config):

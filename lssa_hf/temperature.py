@@ -44,11 +44,12 @@ def attention_modules(model) -> list[nn.Module]:
     return [m for m in found if not any(o is not m and o in set(m.modules()) for o in found)]
 
 
-def _num_heads(module) -> int:
+def num_heads(module) -> int:
+    """The number of query heads of an attention module."""
     heads = getattr(module, "num_heads", None) or getattr(getattr(module, "config", None), "num_attention_heads", None)
     if not heads:
-        raise NotImplementedError(f"Cannot tell how many query heads {type(module).__name__} has; "
-                                  "per-head temperatures need `num_heads` or `config.num_attention_heads`.")
+        raise NotImplementedError(f"Cannot tell how many query heads {type(module).__name__} has; per-head settings "
+                                  "(temperatures, softmax_heads) need `num_heads` or `config.num_attention_heads`.")
     return int(heads)
 
 
@@ -64,7 +65,7 @@ def add_temperatures(model) -> None:
     for module in modules:
         if not hasattr(module, ATTRIBUTE):
             device = next(module.parameters(), torch.empty(0)).device
-            module.add_module(ATTRIBUTE, HeadTemperature(_num_heads(module), device))
+            module.add_module(ATTRIBUTE, HeadTemperature(num_heads(module), device))
 
 
 def remove_temperatures(model) -> list[tuple[nn.Module, HeadTemperature]]:
